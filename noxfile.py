@@ -1,0 +1,80 @@
+"""Developer sessions: `nox` runs lint, typecheck, tests and data_alone; `nox -s dev` sets up.
+
+Each session installs torch first, from `CNET_TORCH` (default `torch==2.13.0`, the CPU build
+this project's machines keep on disk), so that the packages' wide `torch>=2.6` requirement is
+already met and pip never pulls a multi-gigabyte CUDA build for a CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests", "data_alone"]
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+TORCH = os.environ.get("CNET_TORCH", "torch==2.13.0")
+PACKAGES = ("packages/cnet-data", "packages/cnet-models", "packages/cnet-train")
+# cnet-data must work without these; data_alone proves that none of them is importable.
+HEAVY = ("diffusers", "transformers", "lightning", "pytorch_lightning")
+
+
+def _group(name: str) -> list[str]:
+    return list(nox.project.dependency_groups(PYPROJECT, name))
+
+
+def _editable(*packages: str) -> list[str]:
+    return [arg for package in packages for arg in ("-e", package)]
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the packages, tests, benchmarks and this file."""
+    session.install(TORCH, *_editable(*PACKAGES), *_group("typecheck"), "nox")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite (GPU-marked tests skip without CUDA)."""
+    session.install(TORCH, *_editable(*PACKAGES), *_group("test"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def data_alone(session: nox.Session) -> None:
+    """cnet-data installed alone (not editable): the heavy libraries are absent, tests pass."""
+    session.install(TORCH, "packages/cnet-data", *_group("test"))
+    probe = (
+        "import importlib.util, sys; "
+        f"present = [m for m in {HEAVY!r} if importlib.util.find_spec(m)]; "
+        "sys.exit(f'installed beside cnet-data: {present}' if present else 0)"
+    )
+    session.run("python", "-c", probe)
+    session.run("pytest", "tests/cnet_data", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def dev(session: nox.Session) -> None:
+    """Create .venv with torch, the three packages in editable mode and all dev tools."""
+    venv = ROOT / ".venv"
+    if not venv.exists():
+        session.run(sys.executable, "-m", "venv", str(venv))
+    pip = str(venv / "bin" / "pip")
+    session.run(pip, "install", "--upgrade", "pip")
+    session.run(pip, "install", TORCH, *_editable(*PACKAGES), *_group("dev"))
+    session.log(f"ready: activate with `source {venv}/bin/activate`")

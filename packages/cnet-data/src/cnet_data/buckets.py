@@ -1,0 +1,166 @@
+"""Aspect-ratio buckets: generation, assignment and merging of buckets too small to batch.
+
+Buckets are generated the NovelAI way: walk one side from the minimum to the maximum in steps,
+give the other side the largest multiple of the step that keeps the area within the target, do
+the same with the roles swapped, deduplicate, and add the square. Bucket ids are ordered by aspect
+ratio (width / height, ascending), so neighbouring ids are neighbouring shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+
+@attrs.frozen
+class BucketConfig:
+    """How the bucket table is generated."""
+
+    area: int = 1024 * 1024
+    """Target pixel area; no bucket exceeds it."""
+    min_side: int = 512
+    """Smallest side length in pixels."""
+    max_side: int = 2048
+    """Largest side length in pixels."""
+    step: int = 64
+    """Every side is a multiple of this (64 keeps SDXL latents divisible by 8)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.step <= 0:
+            raise ValueError(f"buckets.step must be positive, got {self.step}")
+        if self.min_side <= 0 or self.min_side % self.step:
+            raise ValueError(
+                f"buckets.min_side must be a positive multiple of step {self.step}, "
+                f"got {self.min_side}"
+            )
+        if self.max_side < self.min_side or self.max_side % self.step:
+            raise ValueError(
+                f"buckets.max_side must be a multiple of step {self.step} and at least "
+                f"min_side {self.min_side}, got {self.max_side}"
+            )
+        if self.area < self.min_side * self.min_side:
+            raise ValueError(
+                f"buckets.area {self.area} is smaller than a min_side square "
+                f"({self.min_side}x{self.min_side})"
+            )
+
+
+@attrs.frozen
+class Bucket:
+    """One training resolution."""
+
+    width: int
+    height: int
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+def generate_buckets(config: BucketConfig) -> tuple[Bucket, ...]:
+    """The bucket table for `config`, ordered by aspect ratio (width / height) ascending."""
+    step = config.step
+    shapes: set[tuple[int, int]] = set()
+    for side in range(config.min_side, config.max_side + 1, step):
+        other = min(config.max_side, (config.area // side) // step * step)
+        if other >= config.min_side:
+            shapes.add((side, other))
+            shapes.add((other, side))
+    square = min(config.max_side, math.isqrt(config.area) // step * step)
+    shapes.add((square, square))
+    ordered = sorted(shapes, key=lambda wh: (wh[0] / wh[1], wh[0]))
+    return tuple(Bucket(w, h) for w, h in ordered)
+
+
+class BucketTable:
+    """A fixed set of buckets and the nearest-aspect assignment of image sizes to them."""
+
+    def __init__(self, buckets: Sequence[Bucket]) -> None:
+        if not buckets:
+            raise ValueError("a bucket table needs at least one bucket")
+        self.buckets = tuple(buckets)
+        self._log_aspects = np.log(np.array([b.aspect for b in self.buckets], dtype=np.float64))
+
+    @classmethod
+    def from_config(cls, config: BucketConfig) -> BucketTable:
+        return cls(generate_buckets(config))
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __getitem__(self, bucket_id: int) -> Bucket:
+        return self.buckets[bucket_id]
+
+    @property
+    def log_aspects(self) -> npt.NDArray[np.float64]:
+        return self._log_aspects
+
+    def assign(self, widths: npt.ArrayLike, heights: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Bucket id per image: the bucket nearest in log aspect ratio (ties go to the lower id)."""
+        w = np.asarray(widths, dtype=np.float64)
+        h = np.asarray(heights, dtype=np.float64)
+        if w.shape != h.shape:
+            raise ValueError(f"widths {w.shape} and heights {h.shape} differ in shape")
+        if np.any(w <= 0) or np.any(h <= 0):
+            raise ValueError("image sizes must be positive")
+        log_aspect = np.log(w / h)
+        # Buckets are sorted by aspect, so a binary search finds the two neighbours.
+        right = np.clip(np.searchsorted(self._log_aspects, log_aspect), 1, len(self) - 1)
+        if len(self) == 1:
+            return np.zeros(w.shape, dtype=np.int64)
+        left = right - 1
+        take_left = (log_aspect - self._log_aspects[left]) <= (
+            self._log_aspects[right] - log_aspect
+        )
+        return np.where(take_left, left, right).astype(np.int64)
+
+
+def merge_small_buckets(
+    bucket_ids: npt.ArrayLike,
+    min_count: int,
+    log_aspects: npt.ArrayLike | None = None,
+) -> tuple[npt.NDArray[np.int64], dict[int, int]]:
+    """Fold every bucket with fewer than `min_count` samples into its nearest populated bucket.
+
+    Nearest is by log aspect ratio when `log_aspects` (indexed by bucket id) is given, else by id
+    distance (bucket tables order ids by aspect). Ties go to the bucket with more samples, then to
+    the lower id. The smallest bucket is folded first and counts are updated after each fold, so
+    two small neighbours can together reach the threshold. Returns the remapped ids and the map
+    {old id: final id} of every bucket that was folded.
+    """
+    ids = np.asarray(bucket_ids, dtype=np.int64)
+    if ids.size and ids.min() < 0:
+        raise ValueError("bucket ids must be non-negative")
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    counts = np.bincount(ids, minlength=0) if ids.size else np.zeros(0, dtype=np.int64)
+    if log_aspects is None:
+        position = np.arange(counts.size, dtype=np.float64)
+    else:
+        position = np.asarray(log_aspects, dtype=np.float64)
+        if position.size < counts.size:
+            raise ValueError(
+                f"log_aspects has {position.size} entries but bucket ids reach {counts.size - 1}"
+            )
+    target = np.arange(counts.size)
+    alive = counts > 0
+    while alive.sum() > 1:
+        small = np.flatnonzero(alive & (counts < min_count))
+        if small.size == 0:
+            break
+        src = int(small[np.argmin(counts[small])])
+        candidates = np.flatnonzero(alive)
+        candidates = candidates[candidates != src]
+        distance = np.abs(position[candidates] - position[src])
+        # lexsort: last key is primary -> nearest, then most samples, then lowest id.
+        dst = int(candidates[np.lexsort((candidates, -counts[candidates], distance))[0]])
+        counts[dst] += counts[src]
+        counts[src] = 0
+        alive[src] = False
+        target[target == src] = dst
+    merged = {int(b): int(target[b]) for b in range(counts.size) if target[b] != b}
+    return target[ids] if ids.size else ids, merged

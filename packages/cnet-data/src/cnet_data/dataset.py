@@ -1,0 +1,188 @@
+"""The training dataset: bucket-sized image and conditioning crops with SDXL size conditioning.
+
+The image and its conditioning image share one crop plan (the same resize, crop and flip), so
+they stay aligned pixel for pixel. Augmentation is a pure function of (seed, epoch, index): a
+resumed run draws the same crops as an uninterrupted one, in any worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypedDict
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from cnet_data.buckets import BucketTable
+from cnet_data.geometry import CropPlan, plan_crop
+from cnet_data.imageio import DEFAULT_MAX_PIXELS, allow_pixels, load_cropped
+from cnet_data.index import DatasetIndex
+
+logger = logging.getLogger(__name__)
+
+_MAX_REPLACEMENTS = 16
+
+
+class Sample(TypedDict):
+    """One training sample; `torch.utils.data.default_collate` batches it."""
+
+    image: torch.Tensor
+    """float32 (3, H, W) in [-1, 1]: what the VAE encodes."""
+    conditioning_image: torch.Tensor
+    """float32 (3, H, W) in [0, 1]: what diffusers' ControlNet pipelines feed at inference."""
+    caption: str
+    caption_key: str
+    """Hex key of the caption in the embedding cache."""
+    original_size: torch.Tensor
+    """int64 (2,): source (height, width), SDXL micro-conditioning."""
+    crop_top_left: torch.Tensor
+    """int64 (2,): crop (top, left) in resized coordinates, SDXL micro-conditioning."""
+    target_size: torch.Tensor
+    """int64 (2,): bucket (height, width), SDXL micro-conditioning."""
+    bucket: int
+    index: int
+    """The dataset index of the sample actually returned (see `ControlNetDataset`)."""
+
+
+@attrs.frozen
+class AugmentConfig:
+    """Paired augmentation applied to image and conditioning image alike."""
+
+    random_crop: bool = True
+    """Uniformly random crop offset in training; centred when False (and always in validation)."""
+    flip_probability: float = 0.0
+    """Chance of a horizontal flip in training. Off by default: some conditions (text, poses
+    with a handedness) are not mirror-symmetric."""
+    resample: str = "bicubic"
+    """Pillow resampling filter for the resize: nearest, bilinear, bicubic or lanczos."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """The pixel limit the index enforced; Pillow is allowed to open images up to it."""
+
+    def __attrs_post_init__(self) -> None:
+        if not 0.0 <= self.flip_probability <= 1.0:
+            raise ValueError(f"flip_probability must be in [0, 1], got {self.flip_probability}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(
+                f"resample must be one of {', '.join(_RESAMPLE)}, got {self.resample!r}"
+            )
+
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ControlNetDataset(Dataset[Sample]):
+    """Samples of an index, each cropped to its bucket.
+
+    `bucket_ids` must be the sampler's (`BucketBatchSampler.bucket_ids`, after small buckets
+    are merged) so that every batch the sampler forms has one size. A sample that fails to
+    decode although the index accepted it (the file changed since) is logged and replaced by
+    the next sample of the same bucket, so a long run never dies on one file.
+    """
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        table: BucketTable,
+        bucket_ids: npt.NDArray[np.integer],
+        *,
+        train: bool = True,
+        augment: AugmentConfig = AugmentConfig(),
+        seed: int = 0,
+    ) -> None:
+        if len(bucket_ids) != len(index):
+            raise ValueError(
+                f"bucket_ids has {len(bucket_ids)} entries but the index has {len(index)} samples"
+            )
+        self.index = index
+        self.table = table
+        self.bucket_ids = np.asarray(bucket_ids, dtype=np.int64)
+        self.train = train
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.replaced = 0
+        """Samples this process replaced because they failed to decode."""
+        allow_pixels(augment.max_pixels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Crops and flips are drawn per (seed, epoch, index)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @override
+    def __getitem__(self, i: int) -> Sample:
+        candidate = i
+        for _ in range(_MAX_REPLACEMENTS):
+            try:
+                return self._load(candidate)
+            except Exception as exc:  # whatever one broken file raises must not end the run
+                self._note_failure(candidate, exc)
+            candidate = self._next_in_bucket(candidate)
+        raise RuntimeError(
+            f"{_MAX_REPLACEMENTS} samples in a row failed to decode near index {i} (bucket "
+            f"{self.bucket_ids[i]}); the dataset changed since it was indexed: re-run "
+            f"`cnet-data index`"
+        )
+
+    def plan(self, i: int) -> CropPlan:
+        """The crop plan of sample `i` in the current epoch."""
+        bucket = self.table[int(self.bucket_ids[i])]
+        h, w = (int(v) for v in self.index.sizes[i])
+        if not self.train:
+            return plan_crop((h, w), bucket, rng=None)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        plan = plan_crop((h, w), bucket, rng=rng, flip_probability=self.augment.flip_probability)
+        if not self.augment.random_crop:
+            centred = plan_crop((h, w), bucket, rng=None)
+            plan = attrs.evolve(centred, flip=plan.flip)
+        return plan
+
+    def _load(self, i: int) -> Sample:
+        entry = self.index[i]
+        plan = self.plan(i)
+        resample = _RESAMPLE[self.augment.resample]
+        image = _to_tensor(load_cropped(entry.image, plan, resample=resample))
+        cond = _to_tensor(load_cropped(entry.conditioning, plan, resample=resample))
+        return Sample(
+            image=image.mul_(2.0 / 255.0).sub_(1.0),
+            conditioning_image=cond.mul_(1.0 / 255.0),
+            caption=entry.caption,
+            caption_key=entry.caption_key,
+            original_size=torch.tensor(plan.original_size, dtype=torch.int64),
+            crop_top_left=torch.tensor(plan.sdxl_crop_top_left(), dtype=torch.int64),
+            target_size=torch.tensor(plan.target_size, dtype=torch.int64),
+            bucket=int(self.bucket_ids[i]),
+            index=i,
+        )
+
+    def _note_failure(self, i: int, exc: Exception) -> None:
+        self.replaced += 1
+        logger.warning(
+            "sample %d (%s) failed to decode and is replaced by another of its bucket: %s",
+            i,
+            self.index[i].image,
+            exc,
+        )
+
+    def _next_in_bucket(self, i: int) -> int:
+        members = np.flatnonzero(self.bucket_ids == self.bucket_ids[i])
+        position = int(np.searchsorted(members, i))
+        return int(members[(position + 1) % members.size])
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """float32 (3, H, W) with values 0..255, contiguous."""
+    array = np.asarray(img)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(torch.float32)

@@ -1,0 +1,223 @@
+"""Scanning a source: probe every pair in parallel, keep the good, report the bad.
+
+Every bad sample is reported with where it came from, its paths, a kind and a reason. With
+`on_bad="skip"` the good samples are indexed and the bad ones counted and listed; with
+`on_bad="fail"` nothing is indexed and `BadSamplesError` carries the full report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import attrs
+from tqdm import tqdm
+
+from cnet_data.atomic import atomic_write_text
+from cnet_data.imageio import DEFAULT_MAX_PIXELS, BadImageError, VerifyMode, probe_image
+from cnet_data.index import IndexBuilder
+from cnet_data.sources import RawSample, SourceConfig, read_source
+
+OnBad = Literal["skip", "fail"]
+_CHUNK = 256
+
+
+@attrs.frozen
+class ScanConfig:
+    """How strictly samples are checked while indexing."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels (read from the header) are rejected as decompression bombs."""
+    verify: VerifyMode = "header"
+    """`header`: sizes from headers and a completeness check; `decode`: decode every image."""
+    on_bad: OnBad = "fail"
+    """`skip`: index the good samples and list the bad; `fail`: index nothing if any is bad."""
+    workers: int = 0
+    """Processes probing files; 0 means one per CPU core."""
+
+
+@attrs.frozen
+class BadSample:
+    """One rejected sample and why."""
+
+    where: str
+    image: str
+    conditioning: str
+    kind: str
+    reason: str
+
+
+@attrs.define
+class ScanReport:
+    """The outcome of a scan, written next to the index as JSON."""
+
+    source: str
+    total: int = 0
+    accepted: int = 0
+    empty_captions: int = 0
+    """Accepted samples whose caption is empty (allowed: they train unconditionally)."""
+    bad: list[BadSample] = attrs.Factory(list)
+
+    def counts_by_kind(self) -> dict[str, int]:
+        return dict(sorted(Counter(b.kind for b in self.bad).items()))
+
+    def totals(self) -> dict[str, object]:
+        """The counts without the list of bad samples (what the index header records)."""
+        return {
+            "source": self.source,
+            "total": self.total,
+            "accepted": self.accepted,
+            "empty_captions": self.empty_captions,
+            "bad": len(self.bad),
+            "bad_by_kind": self.counts_by_kind(),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.totals(), "bad_samples": [attrs.asdict(b) for b in self.bad]}
+
+    def write(self, path: Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k}: {n}" for k, n in self.counts_by_kind().items())
+        return (
+            f"{self.total} samples, {self.accepted} accepted, {len(self.bad)} bad"
+            + (f" ({kinds})" if kinds else "")
+            + f", {self.empty_captions} empty captions"
+        )
+
+
+class BadSamplesError(Exception):
+    """Raised by `scan` with `on_bad="fail"` when any sample is bad."""
+
+    def __init__(self, report: ScanReport) -> None:
+        first = report.bad[0]
+        super().__init__(
+            f"{len(report.bad)} bad sample(s) in {report.source} "
+            f"({', '.join(f'{k}: {n}' for k, n in report.counts_by_kind().items())}); first: "
+            f"{first.where} {first.image}: {first.reason}. Fix them, or skip them with "
+            f"on_bad=skip (--on-bad skip)."
+        )
+        self.report = report
+
+
+@attrs.frozen
+class _Good:
+    height: int
+    width: int
+    caption: str
+
+
+@attrs.frozen
+class _Bad:
+    kind: str
+    reason: str
+
+
+def scan(
+    source: SourceConfig, config: ScanConfig = ScanConfig(), *, progress: bool = True
+) -> tuple[IndexBuilder, ScanReport]:
+    """Probe every sample of `source`; return the index of the good ones and the report."""
+    root = source.root
+    builder = IndexBuilder()
+    report = ScanReport(source=str(source.path))
+    samples = read_source(source)
+    bar = tqdm(desc="indexing", unit="sample", disable=not progress)
+    for raw, outcome in _probe_all(root, samples, config):
+        report.total += 1
+        bar.update()
+        if isinstance(outcome, _Bad):
+            report.bad.append(
+                BadSample(raw.where, raw.image, raw.conditioning, outcome.kind, outcome.reason)
+            )
+            continue
+        report.accepted += 1
+        report.empty_captions += outcome.caption == ""
+        builder.add(raw.image, raw.conditioning, outcome.caption, outcome.height, outcome.width)
+    bar.close()
+    if report.bad and config.on_bad == "fail":
+        raise BadSamplesError(report)
+    return builder, report
+
+
+def _probe_all(
+    root: Path, samples: Iterable[RawSample], config: ScanConfig
+) -> Iterator[tuple[RawSample, _Good | _Bad]]:
+    workers = config.workers or os.cpu_count() or 1
+    chunks = _chunks(samples, _CHUNK)
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    if workers == 1 or second is None:  # a small dataset is not worth starting processes for
+        for chunk in itertools.chain([first], [second] if second else [], chunks):
+            yield from zip(chunk, _probe_chunk(root, chunk, config), strict=True)
+        return
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: list[tuple[list[RawSample], Future[list[_Good | _Bad]]]] = []
+        for chunk in itertools.chain([first, second], chunks):
+            pending.append((chunk, pool.submit(_probe_chunk, root, chunk, config)))
+            # Keep a bounded number of chunks in flight so a huge source streams through.
+            if len(pending) >= 4 * workers:
+                done, fut = pending.pop(0)
+                yield from zip(done, fut.result(), strict=True)
+        for done, fut in pending:
+            yield from zip(done, fut.result(), strict=True)
+
+
+def _chunks(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _probe_chunk(root: Path, chunk: list[RawSample], config: ScanConfig) -> list[_Good | _Bad]:
+    return [_probe_sample(root, raw, config) for raw in chunk]
+
+
+def _probe_sample(root: Path, raw: RawSample, config: ScanConfig) -> _Good | _Bad:
+    if raw.problem is not None:
+        return _Bad(*raw.problem)
+    caption = _caption_of(root, raw)
+    if isinstance(caption, _Bad):
+        return caption
+    sizes = []
+    for label, rel in (("image", raw.image), ("conditioning image", raw.conditioning)):
+        try:
+            info = probe_image(root / rel, max_pixels=config.max_pixels, verify=config.verify)
+        except BadImageError as exc:
+            return _Bad(exc.kind, f"{label} {rel}: {exc.reason}")
+        sizes.append((info.height, info.width))
+    (ih, iw), (ch, cw) = sizes
+    if (ih, iw) != (ch, cw):
+        return _Bad(
+            "size_mismatch",
+            f"image is {iw}x{ih} but conditioning image is {cw}x{ch}; they must match",
+        )
+    return _Good(ih, iw, caption)
+
+
+def _caption_of(root: Path, raw: RawSample) -> str | _Bad:
+    if raw.caption_file is not None:
+        try:
+            data = (root / raw.caption_file).read_bytes()
+        except FileNotFoundError:
+            return _Bad("caption_missing", f"caption file {raw.caption_file} does not exist")
+        try:
+            return data.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            return _Bad("caption_not_text", f"caption file {raw.caption_file} is not UTF-8: {exc}")
+    if not isinstance(raw.caption, str):
+        return _Bad(
+            "caption_not_text",
+            f"caption is {type(raw.caption).__name__} {raw.caption!r}, not text",
+        )
+    return raw.caption.strip()

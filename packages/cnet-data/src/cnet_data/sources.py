@@ -1,0 +1,241 @@
+"""Dataset sources: what the user points at, read into (image, conditioning, caption) references.
+
+Three layouts are understood:
+- a JSONL manifest with configurable keys (paths relative to the manifest's folder);
+- a folder of pairs: `images/` and `conditioning/` with matching relative stems and caption
+  sidecars next to the images (`images/a/001.jpg`, `conditioning/a/001.png`, `images/a/001.txt`);
+- the original ControlNet tutorial's `prompt.json` (`source` = conditioning, `target` = image,
+  `prompt` = caption; one JSON object per line, or one JSON array).
+
+Sources only read text; image files are probed later, in parallel. Paths are normalised
+lexically and a path that leaves the dataset root is reported, never followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+SourceFormat = Literal["jsonl", "folder", "prompt_json"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+@attrs.frozen
+class RawSample:
+    """One entry of a source, before its files are looked at."""
+
+    where: str
+    """Where the entry comes from, for reports: `manifest.jsonl:12` or a relative image path."""
+    image: str
+    """Image path relative to the dataset root (POSIX separators), or the raw value if bad."""
+    conditioning: str
+    """Conditioning image path relative to the dataset root, or the raw value if bad."""
+    caption: object = None
+    """The caption as the source holds it; anything but `str` is a bad sample."""
+    caption_file: str | None = None
+    """A sidecar to read the caption from (folder layout); overrides `caption`."""
+    problem: tuple[str, str] | None = None
+    """(kind, reason) when the entry itself is already known to be bad."""
+
+
+@attrs.frozen
+class SourceConfig:
+    """Where the samples are and how their fields are named."""
+
+    path: Path
+    """A JSONL manifest, a `prompt.json`, or a folder of pairs."""
+    format: SourceFormat | None = None
+    """Layout of `path`; detected from it when not given."""
+    image_key: str = "image"
+    """JSONL key of the image path."""
+    conditioning_key: str = "conditioning_image"
+    """JSONL key of the conditioning image path."""
+    caption_key: str = "text"
+    """JSONL key of the caption."""
+    image_dir: str = "images"
+    """Folder layout: sub-folder holding the images (and their caption sidecars)."""
+    conditioning_dir: str = "conditioning"
+    """Folder layout: sub-folder holding the conditioning images."""
+    caption_suffix: str = ".txt"
+    """Folder layout: suffix of the caption sidecar that sits next to each image."""
+
+    @property
+    def resolved_format(self) -> SourceFormat:
+        if self.format is not None:
+            return self.format
+        if self.path.is_dir():
+            return "folder"
+        if self.path.name == "prompt.json":
+            return "prompt_json"
+        return "jsonl"
+
+    @property
+    def root(self) -> Path:
+        """The dataset root: the folder itself, or the folder holding the manifest."""
+        path = self.path.absolute()
+        return path if self.resolved_format == "folder" else path.parent
+
+
+def inside_root(root: Path, relative: str) -> str | None:
+    """`relative` normalised to a POSIX path under `root`, or None if it leaves the root.
+
+    Normalisation is lexical (symlinks are not resolved) so that a dataset whose folders are
+    symlinks into shared storage still works, while `..` and absolute paths cannot escape.
+    """
+    if not relative or "\x00" in relative:
+        return None
+    joined = os.path.normpath(os.path.join(root, relative))
+    base = os.path.normpath(root)
+    if os.path.commonpath([base, joined]) != base or joined == base:
+        return None
+    return Path(os.path.relpath(joined, base)).as_posix()
+
+
+def read_source(config: SourceConfig) -> Iterator[RawSample]:
+    """Every entry of the source, in a stable order."""
+    fmt = config.resolved_format
+    if not config.path.exists():
+        raise FileNotFoundError(f"dataset source {config.path} does not exist")
+    if fmt == "folder":
+        yield from _read_folder(config)
+    elif fmt == "prompt_json":
+        yield from _read_records(
+            config.path,
+            config.root,
+            image_key="target",
+            conditioning_key="source",
+            caption_key="prompt",
+        )
+    else:
+        yield from _read_records(
+            config.path,
+            config.root,
+            image_key=config.image_key,
+            conditioning_key=config.conditioning_key,
+            caption_key=config.caption_key,
+        )
+
+
+def _read_records(
+    path: Path, root: Path, *, image_key: str, conditioning_key: str, caption_key: str
+) -> Iterator[RawSample]:
+    for where, record in _json_records(path):
+        if isinstance(record, str):  # a line that did not parse: the reason is in `record`
+            yield RawSample(where, "", "", problem=("manifest_error", record))
+            continue
+        missing = [k for k in (image_key, conditioning_key, caption_key) if k not in record]
+        if missing:
+            yield RawSample(
+                where, "", "", problem=("manifest_error", f"missing key(s) {', '.join(missing)}")
+            )
+            continue
+        yield _checked_sample(
+            where, root, record[image_key], record[conditioning_key], record[caption_key]
+        )
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, dict[str, object] | str]]:
+    """(location, object) per record; a record that is not a JSON object comes back as a reason."""
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1024).lstrip()
+        fh.seek(0)
+        if head.startswith("["):
+            items = json.load(fh)
+            numbered: Iterator[tuple[int, object]] = enumerate(items)
+        else:
+            numbered = ((n, _parse_line(line)) for n, line in enumerate(fh, start=1))
+        for n, item in numbered:
+            where = f"{path.name}:{n}"
+            if item is _BLANK:
+                continue
+            if isinstance(item, _ParseFailure):
+                yield where, f"not valid JSON: {item.message}"
+            elif not isinstance(item, dict):
+                yield where, f"expected a JSON object, got {type(item).__name__}"
+            else:
+                yield where, item
+
+
+@attrs.frozen
+class _ParseFailure:
+    message: str
+
+
+_BLANK = object()
+
+
+def _parse_line(line: str) -> object:
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        return _ParseFailure(str(exc))
+
+
+def _checked_sample(
+    where: str, root: Path, image: object, conditioning: object, caption: object
+) -> RawSample:
+    for label, value in (("image", image), ("conditioning image", conditioning)):
+        if not isinstance(value, str):
+            return RawSample(
+                where,
+                str(image),
+                str(conditioning),
+                problem=("manifest_error", f"{label} path is not a string: {value!r}"),
+            )
+    assert isinstance(image, str) and isinstance(conditioning, str)
+    image_rel, cond_rel = inside_root(root, image), inside_root(root, conditioning)
+    if image_rel is None or cond_rel is None:
+        bad = image if image_rel is None else conditioning
+        return RawSample(
+            where,
+            image,
+            conditioning,
+            problem=("path_outside_root", f"path {bad!r} leaves the dataset root {root}"),
+        )
+    return RawSample(where, image_rel, cond_rel, caption=caption)
+
+
+def _read_folder(config: SourceConfig) -> Iterator[RawSample]:
+    root = config.root
+    image_root = root / config.image_dir
+    cond_root = root / config.conditioning_dir
+    for folder in (image_root, cond_root):
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"folder dataset {root} has no {folder.name}/ sub-folder (expected "
+                f"{config.image_dir}/ and {config.conditioning_dir}/)"
+            )
+    conditioning_by_stem = _images_by_stem(cond_root)
+    for stem, image in sorted(_images_by_stem(image_root).items()):
+        image_rel = image.relative_to(root).as_posix()
+        cond = conditioning_by_stem.get(stem)
+        caption_rel = (image_root / (stem + config.caption_suffix)).relative_to(root).as_posix()
+        if cond is None:
+            yield RawSample(
+                image_rel,
+                image_rel,
+                f"{config.conditioning_dir}/{stem}.*",
+                problem=("missing_file", "no conditioning image with the same name"),
+            )
+            continue
+        cond_rel = cond.relative_to(root).as_posix()
+        yield RawSample(image_rel, image_rel, cond_rel, caption_file=caption_rel)
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files under `folder` keyed by their relative path without suffix."""
+    found: dict[str, Path] = {}
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found[path.relative_to(folder).with_suffix("").as_posix()] = path
+    return found

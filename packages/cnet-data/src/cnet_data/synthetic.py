@@ -1,0 +1,111 @@
+"""A generated "fill" dataset: a filled shape on a background, its outline as the condition.
+
+The task of the original ControlNet tutorial, made offline: the conditioning image is the shape's
+outline, the caption names the colours and the shape, and the model must learn to fill it. Used
+by the demos, the tests and the benchmarks; sizes vary so that several buckets are populated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cnet_data.atomic import atomic_write_text
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+DEFAULT_SIZES = ((64, 64), (96, 64), (64, 96))
+"""(width, height) pairs cycled through: a square, a landscape and a portrait bucket."""
+
+
+def write_fill_dataset(
+    root: Path,
+    count: int,
+    *,
+    sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+    seed: int = 0,
+    image_suffix: str = ".png",
+    sidecars: bool = False,
+) -> Path:
+    """Write `count` samples under `root` and return the JSONL manifest's path.
+
+    Layout: `images/NNNNNN<suffix>`, `conditioning/NNNNNN.png`, `manifest.jsonl` (keys `image`,
+    `conditioning_image`, `text`); with `sidecars`, also `images/NNNNNN.txt` captions, which
+    makes `root` a valid folder-layout source too.
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "conditioning").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    lines = []
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        fill, background = rng.choice(len(names), size=2, replace=False)
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        image, outline = _draw(
+            (width, height), shape, COLOURS[names[fill]], COLOURS[names[background]], rng
+        )
+        stem = f"{i:06d}"
+        image.save(root / "images" / f"{stem}{image_suffix}")
+        outline.save(root / "conditioning" / f"{stem}.png")
+        caption = f"a {names[fill]} {shape} on a {names[background]} background"
+        if sidecars:
+            (root / "images" / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+        lines.append(
+            json.dumps(
+                {
+                    "image": f"images/{stem}{image_suffix}",
+                    "conditioning_image": f"conditioning/{stem}.png",
+                    "text": caption,
+                }
+            )
+        )
+    manifest = root / "manifest.jsonl"
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
+    return manifest
+
+
+def _draw(
+    size: tuple[int, int],
+    shape: str,
+    fill: tuple[int, int, int],
+    background: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> tuple[Image.Image, Image.Image]:
+    width, height = size
+    side = int(min(width, height) * rng.uniform(0.35, 0.7))
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    box = (left, top, left + side - 1, top + side - 1)
+    image = Image.new("RGB", size, background)
+    outline = Image.new("RGB", size, (0, 0, 0))
+    line = max(1, min(width, height) // 32)
+    for canvas, kwargs in (
+        (image, {"fill": fill}),
+        (outline, {"outline": (255, 255, 255), "width": line}),
+    ):
+        draw = ImageDraw.Draw(canvas)
+        if shape == "circle":
+            draw.ellipse(box, **kwargs)
+        elif shape == "square":
+            draw.rectangle(box, **kwargs)
+        else:
+            apex = (left + side // 2, top)
+            draw.polygon(
+                [apex, (left, top + side - 1), (left + side - 1, top + side - 1)], **kwargs
+            )
+    return image, outline
