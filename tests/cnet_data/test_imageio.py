@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from cnet_data.buckets import Bucket
 from cnet_data.geometry import plan_crop
@@ -147,3 +147,19 @@ def test_probe_names_empty_missing_and_garbage_files(tmp_path: Path) -> None:
         "junk.png": "unreadable",
         "absent.png": "missing_file",
     }
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_probe_of_a_complete_file_decodes_no_pixels(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(_gradient(30, 20)).save(tmp_path / f"a{suffix}", exif=exif)
+
+    def no_decoding(self: Image.Image) -> None:
+        raise AssertionError("the probe decoded pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    info = probe_image(tmp_path / f"a{suffix}", max_pixels=LIMIT)
+    assert (info.width, info.height) == (20, 30)  # orientation 8 swaps, read from the header

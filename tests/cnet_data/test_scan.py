@@ -95,13 +95,15 @@ def test_folder_layout_with_sidecars(tmp_path: Path) -> None:
     (root / "images" / "000001.txt").unlink()
     (root / "images" / "000002.txt").write_bytes(b"\xff\xfe bad utf-8")
     (root / "conditioning" / "000003.png").unlink()
+    (root / "images" / "000004.jpg").write_bytes((root / "images" / "000004.png").read_bytes())
     _, report = scan(SourceConfig(root), ScanConfig(on_bad="skip", workers=1), progress=False)
     assert report.counts_by_kind() == {
+        "ambiguous_pair": 1,
         "caption_missing": 1,
         "caption_not_text": 1,
         "missing_file": 1,
     }
-    assert report.accepted == 3
+    assert report.accepted == 2
 
 
 def test_prompt_json_layout(tmp_path: Path) -> None:

@@ -58,8 +58,10 @@ class AugmentConfig:
     flip_probability: float = 0.0
     """Chance of a horizontal flip in training. Off by default: some conditions (text, poses
     with a handedness) are not mirror-symmetric."""
-    resample: str = "bicubic"
-    """Pillow resampling filter for the resize: nearest, bilinear, bicubic or lanczos."""
+    resample: str = "bilinear"
+    """Pillow resampling filter for the resize: nearest, bilinear, bicubic or lanczos. Bilinear
+    (antialiased, as Pillow always is when downscaling) is what diffusers' training scripts use,
+    and half the cost of bicubic."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """The pixel limit the index enforced; Pillow is allowed to open images up to it."""
 
@@ -184,5 +186,6 @@ class ControlNetDataset(Dataset[Sample]):
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     """float32 (3, H, W) with values 0..255, contiguous."""
-    array = np.asarray(img)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(torch.float32)
+    hwc = torch.from_numpy(np.asarray(img).copy())
+    # One pass: the dtype conversion also makes the channels-first layout contiguous.
+    return hwc.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)

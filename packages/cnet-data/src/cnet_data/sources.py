@@ -214,28 +214,40 @@ def _read_folder(config: SourceConfig) -> Iterator[RawSample]:
                 f"{config.image_dir}/ and {config.conditioning_dir}/)"
             )
     conditioning_by_stem = _images_by_stem(cond_root)
-    for stem, image in sorted(_images_by_stem(image_root).items()):
-        image_rel = image.relative_to(root).as_posix()
-        cond = conditioning_by_stem.get(stem)
+    for stem, images in sorted(_images_by_stem(image_root).items()):
+        image_rel = images[0].relative_to(root).as_posix()
+        conds = conditioning_by_stem.get(stem, [])
         caption_rel = (image_root / (stem + config.caption_suffix)).relative_to(root).as_posix()
-        if cond is None:
+        problem = _pairing_problem(root, stem, images, conds)
+        if problem is not None:
             yield RawSample(
-                image_rel,
-                image_rel,
-                f"{config.conditioning_dir}/{stem}.*",
-                problem=("missing_file", "no conditioning image with the same name"),
+                image_rel, image_rel, f"{config.conditioning_dir}/{stem}.*", problem=problem
             )
             continue
-        cond_rel = cond.relative_to(root).as_posix()
+        cond_rel = conds[0].relative_to(root).as_posix()
         yield RawSample(image_rel, image_rel, cond_rel, caption_file=caption_rel)
 
 
-def _images_by_stem(folder: Path) -> dict[str, Path]:
-    """Image files under `folder` keyed by their relative path without suffix."""
-    found: dict[str, Path] = {}
+def _pairing_problem(
+    root: Path, stem: str, images: list[Path], conds: list[Path]
+) -> tuple[str, str] | None:
+    if not conds:
+        return ("missing_file", "no conditioning image with the same name")
+    for kind, found in (("image", images), ("conditioning image", conds)):
+        if len(found) > 1:
+            names = ", ".join(p.relative_to(root).as_posix() for p in found)
+            return ("ambiguous_pair", f"several {kind}s share the name {stem!r}: {names}")
+    return None
+
+
+def _images_by_stem(folder: Path) -> dict[str, list[Path]]:
+    """Image files under `folder` grouped by their relative path without suffix."""
+    found: dict[str, list[Path]] = {}
     for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
+        for name in sorted(files):
             path = Path(dirpath) / name
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                found[path.relative_to(folder).with_suffix("").as_posix()] = path
+                found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(
+                    path
+                )
     return found
