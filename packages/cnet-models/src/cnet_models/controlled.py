@@ -1,0 +1,134 @@
+"""The trainable ControlNet and `ControlledUNet`: the frozen UNet steered by it.
+
+`ControlledUNet` returns the model prediction for (noisy latents, timesteps, text conditioning,
+SDXL added conditioning, control image in [0, 1], conditioning scale): the ControlNet's
+residuals are added to the UNet's skip connections, exactly as the diffusers ControlNet
+pipelines do at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+from torch import nn
+from typing_extensions import override
+
+from cnet_models.facade import (
+    ControlNetModel,
+    UNet2DConditionModel,
+    controlnet_forward,
+    controlnet_from_unet,
+    load_controlnet,
+    unet_forward,
+)
+
+
+@attrs.frozen
+class ControlNetConfig:
+    """Where the trainable ControlNet comes from and how it is run."""
+
+    pretrained: str | None = None
+    """An existing ControlNet (folder or hub id) to continue training; None: new from the UNet."""
+    conditioning_channels: int = 3
+    """Channels of the control image (a new ControlNet only)."""
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None
+    """Widths of the control-image encoder (a new ControlNet only; None: diffusers' default)."""
+    gradient_checkpointing: bool = False
+    """Recompute ControlNet activations in the backward pass (less memory, more compute)."""
+    unet_gradient_checkpointing: bool = False
+    """The same for the frozen UNet, through which the ControlNet's gradients flow."""
+
+
+@attrs.frozen
+class AddedConditioning:
+    """SDXL's micro-conditioning: pooled text embedding and time ids."""
+
+    text_embeds: torch.Tensor
+    """(batch, projection width): pooled output of the second text encoder."""
+    time_ids: torch.Tensor
+    """(batch, 6): original size, crop top-left, target size, as (h, w, top, left, h, w)."""
+
+    def as_kwargs(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"text_embeds": self.text_embeds.to(dtype), "time_ids": self.time_ids.to(dtype)}
+
+
+def sdxl_time_ids(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor
+) -> torch.Tensor:
+    """(batch, 6) time ids from per-sample (batch, 2) sizes and offsets, in the order of
+    diffusers' `_get_add_time_ids`: original (h, w), crop (top, left), target (h, w)."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=1).to(torch.float32)
+
+
+def make_controlnet(unet: UNet2DConditionModel, config: ControlNetConfig) -> ControlNetModel:
+    """A new ControlNet from the UNet (encoder copied, zero convolutions), or a loaded one."""
+    if config.pretrained is not None:
+        controlnet = load_controlnet(config.pretrained, None, use_safetensors=True)
+    else:
+        controlnet = controlnet_from_unet(
+            unet,
+            conditioning_channels=config.conditioning_channels,
+            conditioning_embedding_out_channels=config.conditioning_embedding_out_channels,
+        )
+    # Trained in float32 (under autocast), whatever dtype the frozen parts use. Typed as a
+    # Module: diffusers' `to` override is wrapped in a way mypy cannot call.
+    if controlnet.dtype != torch.float32:
+        module: nn.Module = controlnet
+        module.to(torch.float32)
+    controlnet.train()
+    controlnet.requires_grad_(True)
+    if config.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    if config.unet_gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return controlnet
+
+
+class ControlledUNet(nn.Module):
+    """The frozen UNet and the trainable ControlNet, as one module for the training step."""
+
+    def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel) -> None:
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+
+    @override
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        control_image: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        added: AddedConditioning | None = None,
+    ) -> torch.Tensor:
+        """The UNet's prediction (in the UNet's dtype) with the ControlNet's residuals added."""
+        c_dtype = self.controlnet.dtype
+        residuals = controlnet_forward(
+            self.controlnet,
+            noisy_latents.to(c_dtype),
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states.to(c_dtype),
+            controlnet_cond=control_image.to(c_dtype),
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs=None if added is None else added.as_kwargs(c_dtype),
+        )
+        u_dtype = self.unet.dtype
+        down, mid = residuals
+        return unet_forward(
+            self.unet,
+            noisy_latents.to(u_dtype),
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states.to(u_dtype),
+            added_cond_kwargs=None if added is None else added.as_kwargs(u_dtype),
+            residuals=(_cast(down, u_dtype), mid.to(u_dtype)),
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.controlnet.parameters() if p.requires_grad]
+
+
+def _cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(dtype) for t in tensors)

@@ -1,0 +1,395 @@
+"""Exponential moving average (EMA) of a module's trainable weights.
+
+The shadow is a float32 copy of every parameter that requires grad, keyed by name, whatever the
+live parameters' dtype. Sharded parameters (FSDP2 `fully_shard`, any DTensor) are averaged shard by
+shard: each rank keeps the float32 copy of its own local shard and remembers how the full tensor
+is laid out, so `state_dict` can hand out DTensors and `full_state_dict` / the export can gather
+full tensors. DeepSpeed ZeRO-2 shards only the optimizer state; parameters are whole on every rank
+and need nothing special. FSDP1 (`FullyShardedDataParallel`) flattens parameters into rank-local
+slices that carry no layout, so it is refused rather than averaged wrongly.
+
+Nothing here imports diffusers; the diffusers export lives in `ema_export`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Literal
+
+import attrs
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+
+__all__ = ["EMAConfig", "EMAStateError", "ExponentialMovingAverage", "ShadowDevice", "clean_name"]
+
+ShadowDevice = Literal["same", "cpu"]
+STATE_FORMAT = 1
+# Wrappers that prefix parameter names without changing the model: torch.compile, activation
+# checkpointing, FSDP1. Names are compared without them, so an EMA made from the bare model
+# also fits the wrapped one.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """`name` without the segments that compile / checkpoint wrappers insert."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _in_unit_interval(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"ema.{attribute.name} must be in [0, 1], got {value}")
+
+
+@attrs.frozen
+class EMAConfig:
+    """How the moving average decays and how often it is updated.
+
+    The decay applied for optimiser step `s` (counted from 1 after the first optimiser step) is,
+    with `t = s - update_after_step - 1`:
+
+    - `0` when `t <= 0`: until the average starts, the shadow simply follows the weights;
+    - otherwise `max(min_decay, min(decay, 1 - (1 + t / inv_gamma) ** -power))` with warm-up,
+      or `max(min_decay, decay)` without.
+
+    This is diffusers' `EMAModel.get_decay(s)` with `use_ema_warmup=True` when `step()` is called
+    once per optimiser step; without warm-up the decay here is fixed, where diffusers would ramp
+    it as `(1 + t) / (10 + t)`.
+    """
+
+    decay: float = attrs.field(default=0.9999, validator=_in_unit_interval)
+    """Largest decay; the one used once warm-up is over (or always, without warm-up)."""
+    warmup: bool = True
+    """Ramp the decay up from 0 as `1 - (1 + t / inv_gamma) ** -power`, so that the average is
+    not dominated for thousands of steps by the weights it started from."""
+    inv_gamma: float = 1.0
+    """Warm-up time scale in optimiser steps (the `inv_gamma` of diffusers and timm)."""
+    power: float = 2 / 3
+    """Warm-up exponent: 2/3 suits runs of up to about a million steps, 3/4 shorter ones."""
+    update_after_step: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    """Optimiser steps before the average starts; until then the shadow copies the weights."""
+    min_decay: float = attrs.field(default=0.0, validator=_in_unit_interval)
+    """Smallest decay once the average has started."""
+    every_n_steps: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    """Update every N optimiser steps. The skipped steps still count: an update applies the
+    product of the per-step decays since the last update, so N only trades cost for staleness and
+    the averaging horizon in optimiser steps does not change with it."""
+    device: ShadowDevice = attrs.field(
+        default="same", validator=attrs.validators.in_(("same", "cpu"))
+    )
+    """Where the shadow lives: next to the parameters, or in CPU memory (saves accelerator memory;
+    each update then copies the weights to the host and waits for that copy)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.inv_gamma <= 0 or self.power <= 0:
+            raise ValueError(
+                f"ema.inv_gamma and ema.power must be > 0, got {self.inv_gamma}, {self.power}"
+            )
+        if self.min_decay > self.decay:
+            raise ValueError(f"ema.min_decay {self.min_decay} exceeds ema.decay {self.decay}")
+
+    def decay_at(self, step: int) -> float:
+        """The decay for optimiser step `step` (the formula in the class docstring)."""
+        t = step - self.update_after_step - 1
+        if t <= 0:
+            return 0.0
+        ramp = 1.0 - (1.0 + t / self.inv_gamma) ** -self.power if self.warmup else self.decay
+        return max(self.min_decay, min(self.decay, ramp))
+
+    def decay_between(self, last_step: int, step: int) -> float:
+        """The decay for the steps after `last_step` up to and including `step`: the product of
+        their `decay_at`, which is what updating at every one of them would have applied to the
+        old shadow. 1 when no step passed."""
+        product = 1.0
+        for s in range(last_step + 1, step + 1):
+            product *= self.decay_at(s)
+            if product == 0.0:  # a step before the start: the shadow restarts from the weights
+                break
+        return product
+
+
+class EMAStateError(ValueError):
+    """An EMA state (checkpoint) or module that does not fit this EMA; the message names why."""
+
+
+@attrs.frozen
+class _Layout:
+    """How a sharded parameter's full tensor is spread over ranks (a DTensor's spec)."""
+
+    mesh: DeviceMesh
+    placements: tuple[Placement, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def to_global(self, local: torch.Tensor) -> DTensor:
+        """The DTensor whose local shard is `local` (moved to the mesh's device if needed)."""
+        return DTensor.from_local(
+            local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
+
+    def local_part(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of `value`, a full tensor or a DTensor of the same global shape."""
+        if isinstance(value, DTensor):
+            if value.device_mesh == self.mesh and tuple(value.placements) == self.placements:
+                return value.to_local()
+            value = value.full_tensor()
+        # src_data_rank=None: every rank holds the full tensor, so each slices locally, no traffic.
+        on_mesh = value.to(self.mesh.device_type)
+        return distribute_tensor(on_mesh, self.mesh, self.placements, src_data_rank=None).to_local()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _layout(t: torch.Tensor) -> _Layout | None:
+    if not isinstance(t, DTensor):
+        return None
+    return _Layout(t.device_mesh, tuple(t.placements), t.shape, t.stride())
+
+
+def _refuse_fsdp1(module: nn.Module) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415 (rarely needed)
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        raise EMAStateError(
+            "EMA cannot average FSDP1 (FullyShardedDataParallel) parameters: they are flat "
+            "rank-local slices without layout. Shard with torch.distributed.fsdp.fully_shard."
+        )
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` on the CPU. The copies are queued without blocking (into pinned memory) and then
+    waited for once per device, rather than once per tensor."""
+    out = [t.to("cpu", non_blocking=True) for t in tensors]
+    for device in {t.device for t in tensors if t.device.type != "cpu"}:
+        torch.accelerator.synchronize(device)
+    return out
+
+
+class ExponentialMovingAverage:
+    """A float32 shadow of a module's trainable parameters and its update rule.
+
+    Made from the module whose weights it averages; `update`, `copy_to`, `store` and the rest take
+    the module again (the EMA holds no reference to it), find its parameters by name and check
+    they still fit. Under sharding every method that moves full tensors is collective: call it on
+    every rank.
+    """
+
+    def __init__(self, module: nn.Module, config: EMAConfig | None = None, step: int = 0) -> None:
+        """Start from `module`'s current weights, taken as those after optimiser step `step`."""
+        _refuse_fsdp1(module)
+        self.config = config or EMAConfig()
+        trainable = [(clean_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise EMAStateError("EMA of a module without trainable parameters")
+        self._names = [name for name, _ in trainable]
+        self._layouts = {name: _layout(p) for name, p in trainable}
+        self._shadow = [self._fresh_copy(_local(p)) for _, p in trainable]
+        self._step = step
+        self._stored: list[torch.Tensor] | None = None
+        self.last_decay = 0.0  # the decay the last update applied, for logging
+
+    def _fresh_copy(self, t: torch.Tensor) -> torch.Tensor:
+        device = torch.device("cpu") if self.config.device == "cpu" else t.device
+        return t.detach().to(device, torch.float32, copy=True).contiguous()
+
+    @property
+    def step(self) -> int:
+        """The optimiser step whose weights the shadow last took in."""
+        return self._step
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the averaged parameters, in the module's order."""
+        return tuple(self._names)
+
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """The float32 shadow by name: this rank's shard for sharded parameters. Not copies."""
+        return dict(zip(self._names, self._shadow, strict=True))
+
+    def is_sharded(self) -> bool:
+        """Whether any averaged parameter is a DTensor (so gathers are collective)."""
+        return any(layout is not None for layout in self._layouts.values())
+
+    # -- the average --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> bool:
+        """Take in `module`'s weights after optimiser step `step`; True if the shadow changed.
+
+        Steps that are not a multiple of `every_n_steps` are skipped; a step already taken in
+        is ignored (several calls per optimiser step, as with gradient accumulation, are safe).
+        """
+        if step < self._step:
+            raise EMAStateError(f"EMA update for step {step}, but it is at step {self._step}")
+        if step == self._step or step % self.config.every_n_steps != 0:
+            return False
+        decay = self.config.decay_between(self._step, step)
+        live = self._live(module, check_untracked=True)
+        if self.config.device == "cpu":
+            live = _to_host(live)
+        # lerp needs matching dtypes; `.float()` is free for float32 weights.
+        live32 = [t.float() for t in live]
+        if decay == 0.0:
+            torch._foreach_copy_(self._shadow, live32)
+        else:
+            torch._foreach_lerp_(self._shadow, live32, 1.0 - decay)
+        self._step, self.last_decay = step, decay
+        return True
+
+    def _live(self, module: nn.Module, check_untracked: bool = False) -> list[torch.Tensor]:
+        """The module's local parameter tensors in shadow order, checked against the shadow."""
+        params = {clean_name(n): p for n, p in module.named_parameters()}
+        for name, shadow in zip(self._names, self._shadow, strict=True):
+            if name not in params:
+                raise EMAStateError(f"module has no parameter {name!r}, which the EMA averages")
+            if _local(params[name]).shape != shadow.shape:
+                raise EMAStateError(
+                    f"parameter {name!r} has local shape {tuple(_local(params[name]).shape)}, "
+                    f"the EMA holds {tuple(shadow.shape)} (sharded differently?)"
+                )
+        if check_untracked:
+            tracked = set(self._names)
+            new = [n for n, p in params.items() if p.requires_grad and n not in tracked]
+            if new:
+                raise EMAStateError(
+                    f"parameter {new[0]!r} is trainable but not averaged ({len(new)} such): "
+                    "make the EMA after choosing what trains"
+                )
+        return [_local(params[name]).detach() for name in self._names]
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the shadow into `module`'s parameters (cast to their dtype and device)."""
+        torch._foreach_copy_(self._live(module), self._shadow)
+
+    @torch.no_grad()
+    def store(self, module: nn.Module) -> None:
+        """Keep a copy of `module`'s current trainable weights, for `restore`."""
+        if self._stored is not None:
+            raise EMAStateError("EMA store() called twice without restore()")
+        self._stored = [t.clone() for t in self._live(module)]
+
+    @torch.no_grad()
+    def restore(self, module: nn.Module) -> None:
+        """Put back the weights `store` kept, and drop the copy."""
+        if self._stored is None:
+            raise EMAStateError("EMA restore() without store()")
+        torch._foreach_copy_(self._live(module), self._stored)
+        self._stored = None
+
+    @contextmanager
+    def averaged(self, module: nn.Module) -> Iterator[None]:
+        """`module` holds the EMA weights inside the block, its own again after (also on error)."""
+        self.store(module)
+        try:
+            self.copy_to(module)
+            yield
+        finally:
+            self.restore(module)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def global_shadow(self) -> dict[str, torch.Tensor]:
+        """The shadow by name with sharded entries as DTensors (full shape, nothing gathered).
+
+        A CPU shadow's shards move to the mesh's device for this (a DTensor lives on its mesh).
+        """
+        return {
+            name: t if (layout := self._layouts[name]) is None else layout.to_global(t)
+            for name, t in zip(self._names, self._shadow, strict=True)
+        }
+
+    def state_dict(self) -> dict[str, object]:
+        """What resume needs. Sharded entries are DTensors, which torch.distributed.checkpoint
+        saves shard by shard and can reshard on load; use `full_state_dict` for a checkpoint that
+        only rank 0 writes."""
+        return self._state(self.global_shadow())
+
+    def full_state_dict(self) -> dict[str, object]:
+        """`state_dict` with full tensors on the CPU (collective when sharded; every rank gets
+        them)."""
+        full = {
+            name: (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
+            for name, t in self.global_shadow().items()
+        }
+        return self._state(full)
+
+    def _state(self, shadow: dict[str, torch.Tensor]) -> dict[str, object]:
+        # The config is recorded for inspection; loading keeps the current one (see load).
+        return {
+            "format": STATE_FORMAT,
+            "step": self._step,
+            "config": attrs.asdict(self.config),
+            "shadow": shadow,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Resume from `state_dict` / `full_state_dict` output (sharded or full tensors, also of
+        another sharding). Everything is checked before anything is overwritten.
+
+        The current config stays in force: a resumed run may change the decay on purpose, so a
+        different recorded config is only warned about.
+        """
+        shadow, step = _checked_state(state)
+        mine = set(self._names)
+        missing, unexpected = sorted(mine - set(shadow)), sorted(set(shadow) - mine)
+        if missing or unexpected:
+            raise EMAStateError(
+                f"EMA state does not fit the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        locals_ = [
+            _local_of(name, shadow[name], self._layouts[name], current)
+            for name, current in zip(self._names, self._shadow, strict=True)
+        ]
+        for target, value in zip(self._shadow, locals_, strict=True):
+            target.copy_(value)
+        self._step = step
+        if state.get("config") != attrs.asdict(self.config):
+            warnings.warn(
+                f"EMA state was saved with config {state.get('config')}, continuing with "
+                f"{attrs.asdict(self.config)}",
+                stacklevel=2,
+            )
+
+
+def _local_of(
+    name: str, value: torch.Tensor, layout: _Layout | None, current: torch.Tensor
+) -> torch.Tensor:
+    """This rank's part of the saved `value` for parameter `name`, checked against the model."""
+    expected = layout.shape if layout is not None else current.shape
+    if value.shape != expected:
+        raise EMAStateError(
+            f"EMA state for parameter {name!r} has shape {tuple(value.shape)}, "
+            f"the model's is {tuple(expected)}"
+        )
+    if layout is not None:
+        local = layout.local_part(value)
+    else:
+        local = value.full_tensor() if isinstance(value, DTensor) else value
+    if not bool(torch.isfinite(local).all()):
+        raise EMAStateError(f"EMA state for parameter {name!r} holds inf or NaN")
+    return local
+
+
+def _checked_state(state: Mapping[str, object]) -> tuple[dict[str, torch.Tensor], int]:
+    """The shadow and step of an EMA state dict, or an `EMAStateError` saying what is wrong."""
+    if state.get("format") != STATE_FORMAT:
+        raise EMAStateError(f"EMA state format {state.get('format')!r}, expected {STATE_FORMAT}")
+    shadow, step = state.get("shadow"), state.get("step")
+    if not isinstance(step, int) or not isinstance(shadow, Mapping):
+        raise EMAStateError("EMA state lacks an integer 'step' or a 'shadow' mapping")
+    out: dict[str, torch.Tensor] = {}
+    for name, value in shadow.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise EMAStateError(f"EMA state for parameter {name!r} is not a float tensor")
+        out[str(name)] = value
+    return out, step

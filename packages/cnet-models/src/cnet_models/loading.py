@@ -1,0 +1,168 @@
+"""Loading a base model (a local diffusers folder or a hub id) for ControlNet training.
+
+The same `from_pretrained` path a hub model takes; tests point it at a tiny local folder. Frozen
+parts come back in eval mode, without gradients, in the requested dtype, with one exception
+that diffusers' own pipelines make too: a VAE whose config says `force_upcast` stays in float32
+when float16 is requested (the SDXL VAE overflows in float16), unless a separate, fp16-safe VAE
+is named.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from cnet_models.facade import (
+    AutoencoderKL,
+    CLIPTokenizer,
+    DDPMScheduler,
+    ModelFolderError,
+    TextEncoder,
+    UNet2DConditionModel,
+    diffusers_dtype,
+    load_scheduler,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    load_vae_config,
+)
+from cnet_models.families import Family, FamilyName, detect_family, family_by_name
+from cnet_models.text import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@attrs.frozen
+class BaseModelConfig:
+    """Which base model to train a ControlNet for, and how to load it."""
+
+    source: str
+    """A local diffusers folder or a hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`)."""
+    family: FamilyName | None = None
+    """`sd15`, `sd21` or `sdxl`; detected from the UNet config when not given."""
+    vae: str | None = None
+    """A separate VAE folder or hub id, e.g. an fp16-safe SDXL VAE."""
+    frozen_dtype: DTypeName = "float32"
+    """dtype of the frozen UNet, VAE and text encoders."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `source`."""
+    variant: str | None = None
+    """Weight variant of `source`, e.g. `fp16`."""
+    local_files_only: bool = False
+    """Never reach the hub; a hub id must already be in the local cache."""
+
+
+@attrs.define
+class BaseModel:
+    """The frozen parts of a base model and what its folder says about itself."""
+
+    family: Family
+    source: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: tuple[TextEncoder, ...]
+    tokenizers: tuple[CLIPTokenizer, ...]
+    scheduler: DDPMScheduler
+    """The training noise scheduler, from the folder's `scheduler/` config."""
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config["prediction_type"])
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config["scaling_factor"])
+
+    @property
+    def vae_force_upcast(self) -> bool:
+        return bool(self.vae.config.get("force_upcast", False))
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config["cross_attention_dim"])
+
+    def prompt_encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.family, self.tokenizers, self.text_encoders)
+
+
+def load_base_model(config: BaseModelConfig) -> BaseModel:
+    """Load and freeze the parts of `config.source`; errors name the folder and the part."""
+    _check_local_folder(config.source)
+    common: dict[str, Any] = {
+        "revision": config.revision,
+        "local_files_only": config.local_files_only,
+    }
+    weights = {**common, "variant": config.variant, "use_safetensors": True}
+    dtype = DTYPES[config.frozen_dtype]
+    # Loading straight into the target dtype halves peak memory for half precision, and lets
+    # diffusers keep the modules it must keep in float32.
+    unet = load_unet(config.source, "unet", **weights, **diffusers_dtype(dtype))
+    family = family_by_name(config.family) if config.family else detect_family(unet.config)
+    vae = _load_vae(config, weights, common, _vae_dtype(config, dtype, common))
+    encoders = tuple(
+        load_text_encoder(_has_projection(family, i), config.source, sub, **weights, dtype=dtype)
+        for i, sub in enumerate(family.text_encoders)
+    )
+    tokenizers = tuple(load_tokenizer(config.source, sub, **common) for sub in family.tokenizers)
+    scheduler = load_scheduler(config.source, "scheduler", **common)
+    model = BaseModel(family, config.source, unet, vae, encoders, tokenizers, scheduler)
+    for part in (unet, vae, *encoders):
+        _freeze(part)
+    return model
+
+
+def _check_local_folder(source: str) -> None:
+    path = Path(source)
+    looks_local = path.is_absolute() or source.startswith(".") or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelFolderError(f"model folder {source} does not exist")
+    if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+        raise ModelFolderError(
+            f"{source} is not a diffusers model folder (no model_index.json and no unet/)"
+        )
+
+
+def _has_projection(family: Family, index: int) -> bool:
+    # SDXL's second encoder carries the projection whose output is the pooled embedding.
+    return family.added_conditioning and index == len(family.text_encoders) - 1
+
+
+def _load_vae(
+    config: BaseModelConfig, weights: dict[str, Any], common: dict[str, Any], dtype: torch.dtype
+) -> AutoencoderKL:
+    if config.vae is None:
+        return load_vae(config.source, "vae", **weights, **diffusers_dtype(dtype))
+    # A standalone VAE is a folder (or hub id) of its own, without a vae/ subfolder.
+    return load_vae(config.vae, None, **common, **diffusers_dtype(dtype), use_safetensors=True)
+
+
+def _vae_dtype(config: BaseModelConfig, dtype: torch.dtype, common: dict[str, Any]) -> torch.dtype:
+    """float16 unless the folder's own VAE asks for float32 (`force_upcast`) and no separate
+    VAE is named; a named VAE is assumed fp16-safe (that is why one names it)."""
+    if dtype != torch.float16 or config.vae is not None:
+        return dtype
+    if load_vae_config(config.source, "vae", **common).get("force_upcast", False):
+        logger.warning(
+            "the VAE of %s asks for float32 (force_upcast): it stays in float32; name an "
+            "fp16-safe VAE (model.vae) to run it in float16",
+            config.source,
+        )
+        return torch.float32
+    return dtype
+
+
+def _freeze(part: torch.nn.Module) -> None:
+    part.requires_grad_(False)
+    part.eval()
