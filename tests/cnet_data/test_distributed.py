@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,35 +13,14 @@ from cnet_data.index import DatasetIndex
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.distributed
 def test_two_ranks_get_equal_batches_that_cover_the_epoch(
-    tmp_path: Path, fill_index: DatasetIndex
+    tmp_path: Path,
+    fill_index: DatasetIndex,
+    run_ranks: Callable[[Sequence[str], int], list[str]],
 ) -> None:
     out = tmp_path / "result.json"
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(fill_index.directory), str(out)],
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, output.decode()
+    run_ranks([str(WORKER), str(fill_index.directory), str(out)], 2)
     result = json.loads(out.read_text())
     ranks = sorted(result["ranks"], key=lambda r: r["rank"])
     bucket_ids = result["bucket_ids"]

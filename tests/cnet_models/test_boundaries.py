@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cnet_models
@@ -14,21 +14,13 @@ THIRD_PARTY_MODELS = {"diffusers", "transformers"}
 NEVER = {"lightning", "pytorch_lightning", "cnet_train", "cnet_data"}
 
 
-def _imported_roots(path: Path) -> set[str]:
-    roots = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
-def test_only_the_facade_imports_diffusers_and_transformers() -> None:
+def test_only_the_facade_imports_diffusers_and_transformers(
+    imported_roots: Callable[[Path], set[str]],
+) -> None:
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 8
     for path in modules:
-        roots = _imported_roots(path)
+        roots = imported_roots(path)
         assert not roots & NEVER, path
         if path.name != "facade.py":
             assert not roots & THIRD_PARTY_MODELS, path

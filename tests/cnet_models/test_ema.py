@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -449,32 +445,11 @@ def test_a_failed_export_leaves_the_earlier_one_intact(
 # --- sharded parameters (FSDP2 over gloo) --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.distributed
-def test_fsdp_sharded_ema_exports_what_one_unsharded_process_computes(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output.decode()
+def test_fsdp_sharded_ema_exports_what_one_unsharded_process_computes(
+    tmp_path: Path, run_ranks: Callable[[Sequence[str], int], list[str]]
+) -> None:
+    run_ranks([str(WORKER), str(tmp_path)], 2)
     report = json.loads((tmp_path / "report.json").read_text())
     model, ema = trained_controlnet()
     total = sum(t.numel() for t in ema.shadow().values())

@@ -1,0 +1,65 @@
+"""Fixtures shared by every package's tests. Standard library only: the cnet-data tests also
+run in an environment where only cnet-data (and torch) is installed."""
+
+from __future__ import annotations
+
+import ast
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+RunRanks = Callable[[Sequence[str], int], list[str]]
+
+
+@pytest.fixture(scope="session")
+def imported_roots() -> Callable[[Path], set[str]]:
+    """`imported_roots(path)`: the top-level packages a source file imports (absolute imports)."""
+
+    def roots(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+        return found
+
+    return roots
+
+
+@pytest.fixture
+def run_ranks() -> RunRanks:
+    """`run_ranks(argv, world)`: run `python *argv` as ranks 0..world-1 of a torch.distributed
+    job on loopback (torchrun's environment variables); returns each rank's output, and fails
+    the test with that output if a rank exits non-zero."""
+
+    def run(argv: Sequence[str], world: int, timeout: float = 180) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world),
+        }
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *argv],
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for rank in range(world)
+        ]
+        outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+        for rank, (p, output) in enumerate(zip(procs, outputs, strict=True)):
+            assert p.returncode == 0, f"rank {rank} failed:\n{output}"
+        return outputs
+
+    return run
