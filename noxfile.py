@@ -1,4 +1,5 @@
 """Developer sessions: `nox` runs lint, typecheck, tests and data_alone; `nox -s dev` sets up.
+On request only: `nox -s gpu_smoke` (needs CUDA) and `nox -s bench` (prints figures).
 
 Each session installs torch first, from `CNET_TORCH` (default `torch==2.13.0`, the CPU build
 this project's machines keep on disk), so that the packages' wide `torch>=2.6` requirement is
@@ -66,6 +67,48 @@ def data_alone(session: nox.Session) -> None:
     )
     session.run("python", "-c", probe)
     session.run("pytest", "tests/cnet_data", *session.posargs)
+
+
+@nox.session
+def gpu_smoke(session: nox.Session) -> None:
+    """A few bf16 steps on CUDA: each tiny family, then full-size SDXL under DeepSpeed ZeRO-2.
+
+    Not a default session: it needs a GPU and a CUDA build of torch (set CNET_TORCH to one).
+    """
+    session.install(TORCH, *_editable(*PACKAGES), *_group("test"))
+    # Asked of the session's own torch: a CPU build on a GPU machine must skip, not crash.
+    probe = (
+        "import torch; print('cuda' if torch.cuda.is_available() else "
+        "f'torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no CUDA device')"
+    )
+    found = session.run("python", "-c", probe, silent=True)
+    answer = found.strip().splitlines()[-1] if isinstance(found, str) and found.strip() else "?"
+    if answer != "cuda":
+        session.skip(
+            f"gpu_smoke needs CUDA: {answer}; run it on a GPU machine, with CNET_TORCH naming "
+            "a CUDA build of torch if the default is a CPU one"
+        )
+    # DS_BUILD_OPS=0: no CUDA extensions compiled at install; the smoke test uses torch's AdamW.
+    session.install("deepspeed", env={"DS_BUILD_OPS": "0"})
+    session.run("python", "benchmarks/gpu_smoke.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every benchmark script in benchmarks/, one after another, with its default arguments.
+
+    Not a default session (minutes, and figures to read, not a pass/fail). `nox -s bench --
+    train_step index` runs only those. The GPU smoke test is its own session.
+    """
+    session.install(TORCH, *_editable(*PACKAGES), *_group("test"))
+    scripts = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "gpu_smoke")
+    if session.posargs:
+        unknown = set(session.posargs) - {p.stem for p in scripts}
+        if unknown:
+            session.error(f"no benchmark named {', '.join(sorted(unknown))}")
+        scripts = [p for p in scripts if p.stem in session.posargs]
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)))
 
 
 @nox.session(venv_backend="none")

@@ -17,6 +17,27 @@ RunRanks = Callable[[Sequence[str], int], list[str]]
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`tiny_models(family)` -> a tiny model folder of that family ("sd15", "sd21", "sdxl").
+
+    Each family is written once per session (seed 0) and shared by every test that asks for
+    it: treat the folder as read-only, copy it to change it. (cnet_models is imported only
+    when a test asks: the cnet-data tests also run where it is not installed.)
+    """
+    from cnet_models.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    written: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in written:
+            written[family] = write_tiny_model(family, root / family)
+        return written[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def imported_roots() -> Callable[[Path], set[str]]:
     """`imported_roots(path)`: the top-level packages a source file imports (absolute imports)."""
 
@@ -47,6 +68,8 @@ def run_ranks() -> RunRanks:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "GROUP_RANK": "0",
         }
         procs = [
             subprocess.Popen(

@@ -156,7 +156,11 @@ def test_state_consumed_override_for_prefetching_loaders() -> None:
     state = s.state_dict(consumed_batches=3)
     resumed = BucketBatchSampler(ids, 2, num_replicas=1, rank=0)
     resumed.load_state_dict(state)
-    assert list(resumed) == batches[3:]
+    it = iter(resumed)
+    assert [next(it) for _ in range(5)] == batches[3:8]  # drawn ahead of the loop
+    again = BucketBatchSampler(ids, 2, num_replicas=1, rank=0)
+    again.load_state_dict(resumed.state_dict(consumed_batches=2))  # counted from the resume
+    assert list(again) == batches[5:]
 
 
 def test_without_shuffle_the_order_is_index_order_per_bucket() -> None:

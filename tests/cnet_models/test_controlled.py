@@ -9,15 +9,10 @@ import attrs
 import pytest
 import torch
 
-from cnet_models.controlled import (
-    AddedConditioning,
-    ControlledUNet,
-    ControlNetConfig,
-    make_controlnet,
-    sdxl_time_ids,
-)
+from cnet_models.configs import BaseModelConfig, ControlNetConfig
+from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet, sdxl_time_ids
 from cnet_models.families import FAMILY_NAMES
-from cnet_models.loading import BaseModel, BaseModelConfig, load_base_model
+from cnet_models.loading import BaseModel, load_base_model
 
 TinyModels = Callable[[str], Path]
 

@@ -11,9 +11,10 @@ import attrs
 import pytest
 import torch
 
+from cnet_models.configs import BaseModelConfig
 from cnet_models.facade import CLIPTextModelWithProjection, ModelFolderError
 from cnet_models.families import FAMILY_NAMES, FamilyDetectionError, detect_family
-from cnet_models.loading import BaseModelConfig, load_base_model
+from cnet_models.loading import load_base_model
 
 TinyModels = Callable[[str], Path]
 

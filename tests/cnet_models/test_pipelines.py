@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnet_models.controlled import ControlNetConfig, make_controlnet
+from cnet_models.configs import BaseModelConfig, ControlNetConfig
+from cnet_models.controlled import make_controlnet
 from cnet_models.ema import EMAConfig, ExponentialMovingAverage
 from cnet_models.ema_export import export_ema_controlnet
 from cnet_models.facade import (
@@ -21,7 +22,7 @@ from cnet_models.facade import (
     load_controlnet,
 )
 from cnet_models.families import FAMILY_NAMES
-from cnet_models.loading import BaseModelConfig, load_base_model
+from cnet_models.loading import load_base_model
 
 TinyModels = Callable[[str], Path]
 

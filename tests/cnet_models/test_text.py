@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnet_models.configs import DTYPES, BaseModelConfig
 from cnet_models.facade import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     diffusers_dtype,
 )
-from cnet_models.loading import DTYPES, BaseModelConfig, load_base_model
+from cnet_models.loading import load_base_model
 
 TinyModels = Callable[[str], Path]
 PROMPTS = ["a red circle on a blue background", "", "a green triangle " * 30]

@@ -125,10 +125,12 @@ class BucketBatchSampler(Sampler[list[int]]):
     def state_dict(self, consumed_batches: int | None = None) -> dict[str, object]:
         """The position in the global order, identical on every rank.
 
-        `consumed_batches` overrides the count of batches consumed in the current segment: a
-        DataLoader with workers draws ahead of the training loop, so its owner knows better.
+        `consumed_batches`, when given, is the number of batches the training loop has consumed
+        since the current pass began (a resumed pass begins where the last one stopped): a
+        DataLoader with workers draws batches ahead of the loop, so the loop's owner knows
+        better than the count of batches this sampler has yielded.
         """
-        position = self._position if consumed_batches is None else consumed_batches
+        position = self._position if consumed_batches is None else self._start + consumed_batches
         return {
             "version": _STATE_VERSION,
             "seed": self.seed,

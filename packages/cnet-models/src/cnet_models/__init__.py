@@ -16,10 +16,10 @@ _EXPORTS = {
     "Family": "cnet_models.families",
     "detect_family": "cnet_models.families",
     "BaseModel": "cnet_models.loading",
-    "BaseModelConfig": "cnet_models.loading",
+    "BaseModelConfig": "cnet_models.configs",
     "load_base_model": "cnet_models.loading",
     "AddedConditioning": "cnet_models.controlled",
-    "ControlNetConfig": "cnet_models.controlled",
+    "ControlNetConfig": "cnet_models.configs",
     "ControlledUNet": "cnet_models.controlled",
     "make_controlnet": "cnet_models.controlled",
     "sdxl_time_ids": "cnet_models.controlled",
@@ -57,10 +57,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from cnet_models.configs import BaseModelConfig, ControlNetConfig
     from cnet_models.controlled import (
         AddedConditioning,
         ControlledUNet,
-        ControlNetConfig,
         make_controlnet,
         sdxl_time_ids,
     )
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from cnet_models.ema_export import export_ema_controlnet
     from cnet_models.families import FAMILIES, Family, detect_family
     from cnet_models.fullsize import build_fullsize
-    from cnet_models.loading import BaseModel, BaseModelConfig, load_base_model
+    from cnet_models.loading import BaseModel, load_base_model
     from cnet_models.noise import NoiseSchedule
     from cnet_models.text import PromptEmbeddings, PromptEncoder
     from cnet_models.tiny import write_tiny_model

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from cnet_models.configs import ControlNetConfig
 from cnet_models.facade import (
     ControlNetModel,
     UNet2DConditionModel,
@@ -23,22 +24,6 @@ from cnet_models.facade import (
     load_controlnet,
     unet_forward,
 )
-
-
-@attrs.frozen
-class ControlNetConfig:
-    """Where the trainable ControlNet comes from and how it is run."""
-
-    pretrained: str | None = None
-    """An existing ControlNet (folder or hub id) to continue training; None: new from the UNet."""
-    conditioning_channels: int = 3
-    """Channels of the control image (a new ControlNet only)."""
-    conditioning_embedding_out_channels: tuple[int, ...] | None = None
-    """Widths of the control-image encoder (a new ControlNet only; None: diffusers' default)."""
-    gradient_checkpointing: bool = False
-    """Recompute ControlNet activations in the backward pass (less memory, more compute)."""
-    unet_gradient_checkpointing: bool = False
-    """The same for the frozen UNet, through which the ControlNet's gradients flow."""
 
 
 @attrs.frozen

@@ -154,7 +154,7 @@ def _layout(t: torch.Tensor) -> _Layout | None:
 
 
 def _refuse_fsdp1(module: nn.Module) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415 (rarely needed)
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
         raise EMAStateError(

@@ -24,6 +24,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
     StableDiffusionXLPipeline,
 )
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.utils import deprecation_utils
 from transformers.models.clip.configuration_clip import CLIPTextConfig
 from transformers.models.clip.modeling_clip import CLIPTextModel, CLIPTextModelWithProjection
@@ -38,6 +39,7 @@ __all__ = [
     "ControlNetModel",
     "ControlNetResiduals",
     "DDPMScheduler",
+    "EulerDiscreteScheduler",
     "ModelFolderError",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionPipeline",

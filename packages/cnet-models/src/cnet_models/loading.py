@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import torch
 
+from cnet_models.configs import DTYPES, BaseModelConfig
 from cnet_models.facade import (
     AutoencoderKL,
     CLIPTokenizer,
@@ -31,37 +32,10 @@ from cnet_models.facade import (
     load_vae,
     load_vae_config,
 )
-from cnet_models.families import Family, FamilyName, detect_family, family_by_name
+from cnet_models.families import Family, detect_family, family_by_name
 from cnet_models.text import PromptEncoder
 
 logger = logging.getLogger(__name__)
-
-DTypeName = Literal["float32", "bfloat16", "float16"]
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
-@attrs.frozen
-class BaseModelConfig:
-    """Which base model to train a ControlNet for, and how to load it."""
-
-    source: str
-    """A local diffusers folder or a hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`)."""
-    family: FamilyName | None = None
-    """`sd15`, `sd21` or `sdxl`; detected from the UNet config when not given."""
-    vae: str | None = None
-    """A separate VAE folder or hub id, e.g. an fp16-safe SDXL VAE."""
-    frozen_dtype: DTypeName = "float32"
-    """dtype of the frozen UNet, VAE and text encoders."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of `source`."""
-    variant: str | None = None
-    """Weight variant of `source`, e.g. `fp16`."""
-    local_files_only: bool = False
-    """Never reach the hub; a hub id must already be in the local cache."""
 
 
 @attrs.define

@@ -1,0 +1,1 @@
+"""Training callbacks: EMA, exports, checkpoints, throughput, non-finite guard, validation."""

@@ -1,0 +1,102 @@
+"""Validation grids from the real diffusers ControlNet pipeline, to PNG and TensorBoard.
+
+The fixed (prompt, conditioning image) pairs are split over the ranks, each rank renders its
+share, and rank 0 assembles the grid: no rank idles in a collective while another renders all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from typing_extensions import override
+
+from cnet_models.pipelines import controlnet_pipeline, generate
+from cnet_train.config import ValidationConfig
+from cnet_train.module import ControlNetModule
+from cnet_train.plots import image_grid, save_png
+
+
+class ValidationCallback(L.Callback):
+    def __init__(self, run_dir: Path, config: ValidationConfig) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.last_grid: Path | None = None
+        if len(config.prompts) != len(config.images):
+            raise ValueError(
+                f"validation.prompts has {len(config.prompts)} entries but validation.images "
+                f"has {len(config.images)}; they are paired by position"
+            )
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        every = self.config.every_n_steps
+        if every and trainer.global_step and trainer.global_step % every == 0:
+            self.validate(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.config.prompts and self.last_grid != self._grid_path(trainer.global_step):
+            self.validate(trainer, pl_module)
+
+    def _grid_path(self, step: int) -> Path:
+        return self.run_dir / "validation" / f"step-{step:08d}.png"
+
+    def validate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        if not self.config.prompts or not isinstance(pl_module, ControlNetModule):
+            return None
+        mine = list(range(trainer.global_rank, len(self.config.prompts), trainer.world_size))
+        controls = [Image.open(self.config.images[i]).convert("RGB") for i in mine]
+        resolution = self.config.resolution or pl_module.family.default_resolution
+        was_training = pl_module.controlnet.training
+        pl_module.controlnet.eval()
+        try:
+            pipe = controlnet_pipeline(pl_module.base, pl_module.controlnet)
+            with torch.autocast(pl_module.device.type, enabled=False):
+                images = generate(
+                    pipe,
+                    [self.config.prompts[i] for i in mine],
+                    controls,
+                    resolution=resolution,
+                    steps=self.config.num_inference_steps,
+                    guidance_scale=self.config.guidance_scale,
+                    seed=self.config.seed,
+                )
+        finally:
+            pl_module.controlnet.train(was_training)
+        rendered = _gather(list(zip(mine, [np.asarray(im) for im in images], strict=True)))
+        if not trainer.is_global_zero:
+            return None
+        by_index = dict(rendered)
+        order = range(len(self.config.prompts))
+        conds = [Image.open(p).convert("RGB").resize((resolution,) * 2) for p in self.config.images]
+        grid = image_grid([conds, [Image.fromarray(by_index[i]) for i in order]])
+        path = self._grid_path(trainer.global_step)
+        save_png(grid, path)
+        self.last_grid = path
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                chw = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1)
+                logger.experiment.add_image("validation", chw, trainer.global_step)
+        return path
+
+
+def _gather(items: list[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered if isinstance(part, list) for item in part]

@@ -1,0 +1,149 @@
+"""`ControlNetDataModule`: index, bucket sampler, dataset and loader, resumable mid-epoch.
+
+Lightning runs with `use_distributed_sampler=False`: the bucket sampler is rank-aware by itself.
+The module keeps its own epoch and the count of batches the training loop has consumed (a
+loader with workers draws ahead of the loop), and saves both through Lightning's checkpoint, so
+a resumed run continues with exactly the batches it had not seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from cnet_data.buckets import BucketTable
+from cnet_data.dataset import ControlNetDataset
+from cnet_data.index import DatasetIndex
+from cnet_data.sampler import BucketBatchSampler
+from cnet_data.scan import scan
+from cnet_train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def index_path(config: TrainConfig) -> Path:
+    return config.data.index or config.run_dir / "index"
+
+
+def ensure_index(config: TrainConfig) -> Path:
+    """The dataset index, built (and its report written) if it does not exist yet."""
+    path = index_path(config)
+    if (path / "index.json").is_file():
+        return path
+    logger.info("indexing %s into %s", config.data.source.path, path)
+    builder, report = scan(config.data.source, config.data.scan)
+    builder.write(path, root=config.data.source.root, extra={"scan": report.totals()})
+    report.write(path.with_name(path.name + ".report.json"))
+    logger.info("%s", report.summary())
+    return path
+
+
+class ControlNetDataModule(L.LightningDataModule):
+    """The training data of one run, for one rank."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__()
+        self.config = config
+        # One rank builds the index; on a shared filesystem several would race.
+        self.prepare_data_per_node = False
+        self.sampler: BucketBatchSampler | None = None
+        self.dataset: ControlNetDataset | None = None
+        self.epoch = 0
+        self.consumed = 0
+        """Batches the training loop has started since the current pass over the data began."""
+        self._pending_state: dict[str, Any] | None = None
+
+    @override
+    def prepare_data(self) -> None:
+        ensure_index(self.config)
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.sampler is not None:
+            return
+        data = self.config.data
+        index = DatasetIndex(ensure_index(self.config))
+        if len(index) == 0:
+            raise ValueError(f"the dataset index {index.directory} holds no samples")
+        table = BucketTable.from_config(data.buckets)
+        world, rank = self._world()
+        self.sampler = BucketBatchSampler(
+            table.assign(index.widths, index.heights),
+            data.batch_size,
+            seed=self.config.seed,
+            num_replicas=world,
+            rank=rank,
+            bucket_log_aspects=table.log_aspects,
+        )
+        if len(self.sampler) == 0:
+            raise ValueError(
+                f"no full batch: {len(index)} samples cannot fill one global batch of "
+                f"{data.batch_size} x {world}; lower data.batch_size or add samples"
+            )
+        self.dataset = ControlNetDataset(
+            index, table, self.sampler.bucket_ids, augment=data.augment, seed=self.config.seed
+        )
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        if self.dataset is None or self.sampler is None:
+            raise RuntimeError("ControlNetDataModule.setup() has not run")
+        data = self.config.data
+        workers = data.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=data.pin_memory and self._on_gpu(),
+            prefetch_factor=data.prefetch_factor if workers else None,
+            # Fresh workers each epoch carry the dataset's current epoch (its crops depend on it).
+            persistent_workers=False,
+        )
+
+    def _on_gpu(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch, before its loader is iterated."""
+        if self.sampler is None or self.dataset is None:
+            return
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        self.consumed = 0
+
+    def batch_started(self) -> None:
+        self.consumed += 1
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        return {"sampler": self.sampler.state_dict(consumed_batches=self.consumed)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.sampler is None or self.dataset is None:  # restored before setup: apply later
+            self._pending_state = state_dict
+            return
+        self.sampler.load_state_dict(state_dict["sampler"])
+        self.epoch = self.sampler.epoch
+        self.dataset.set_epoch(self.epoch)
+        self.consumed = 0
+        self._pending_state = None

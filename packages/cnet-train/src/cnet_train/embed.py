@@ -1,0 +1,105 @@
+"""`cnet-train embed`: the text-embedding cache of a dataset's captions.
+
+Run once before training (alone, or under torchrun to shard the work over GPUs); never inside
+the training job. Resumable: keys already in the cache are skipped. The empty prompt is always
+included, because caption dropout swaps it in at every step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cnet_data.captions import caption_key
+from cnet_data.embcache import EmbeddingCacheWriter, FieldSpec, finalize
+from cnet_data.index import DatasetIndex
+from cnet_models.loading import load_base_model
+from cnet_models.text import PromptEncoder
+from cnet_train.config import TrainConfig
+from cnet_train.data import ensure_index
+
+
+def cache_fields(encoder: PromptEncoder) -> list[FieldSpec]:
+    """The record layout the encoder's outputs need."""
+    probe = encoder.empty_prompt()
+    dtype = str(probe.prompt_embeds.dtype).removeprefix("torch.")
+    fields = [FieldSpec("prompt_embeds", tuple(probe.prompt_embeds.shape[1:]), dtype)]
+    if probe.pooled_prompt_embeds is not None:
+        pooled = probe.pooled_prompt_embeds
+        fields.append(FieldSpec("pooled_prompt_embeds", tuple(pooled.shape[1:]), dtype))
+    return fields
+
+
+def embed_captions(config: TrainConfig) -> int:
+    """Encode every caption not yet in the cache; returns how many this rank added."""
+    if config.cache.path is None:
+        raise ValueError("cache.path is not set: say where the embedding cache goes")
+    rank, world = _rank_and_world()
+    if rank == 0:  # one rank builds a missing index; the others wait for it
+        ensure_index(config)
+    _barrier()
+    index = DatasetIndex(ensure_index(config))
+    base = load_base_model(config.model)
+    device = _device()
+    for encoder in base.text_encoders:
+        module: torch.nn.Module = encoder  # transformers' `to` is typed in a way mypy rejects
+        module.to(device)
+    prompts = base.prompt_encoder()
+    writer = EmbeddingCacheWriter(
+        config.cache.path,
+        fingerprint=prompts.fingerprint(config.model.source),
+        fields=cache_fields(prompts),
+        rank=rank,
+    )
+    added = 0
+    with writer:
+        for captions in _batches(index, rank, world, config.cache.batch_size):
+            missing = set(writer.missing([caption_key(c) for c in captions]))
+            todo = list(dict.fromkeys(c for c in captions if caption_key(c) in missing))
+            if todo:
+                encoded = prompts.encode(todo)
+                tensors = {"prompt_embeds": encoded.prompt_embeds}
+                if encoded.pooled_prompt_embeds is not None:
+                    tensors["pooled_prompt_embeds"] = encoded.pooled_prompt_embeds
+                added += writer.add([caption_key(c) for c in todo], tensors)
+    _barrier()
+    if rank == 0:
+        finalize(config.cache.path)
+    return added
+
+
+def _batches(index: DatasetIndex, rank: int, world: int, size: int) -> Iterator[list[str]]:
+    """This rank's share of the captions (the empty prompt on rank 0), with a progress bar."""
+    mine = range(rank, len(index), world)
+    batch: list[str] = [""] if rank == 0 else []
+    for i in tqdm(mine, desc=f"embedding (rank {rank})", unit="caption", disable=rank != 0):
+        batch.append(index.caption(i))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _rank_and_world() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

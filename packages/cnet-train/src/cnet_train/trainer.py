@@ -1,0 +1,155 @@
+"""From a `TrainConfig` to a configured Lightning `Trainer`, and the training run itself."""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from cnet_train.callbacks.ema import EMACallback
+from cnet_train.callbacks.export import ExportCallback
+from cnet_train.callbacks.guard import NonFiniteGuard
+from cnet_train.callbacks.history import LossHistory
+from cnet_train.callbacks.throughput import ThroughputLogger
+from cnet_train.callbacks.validation import ValidationCallback
+from cnet_train.config import TrainConfig, TrainerConfig
+from cnet_train.config_io import write_resolved_config
+from cnet_train.data import ControlNetDataModule
+from cnet_train.module import ControlNetModule
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})\.ckpt")
+_PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+
+
+def checkpoint_dir(config: TrainConfig) -> Path:
+    return config.run_dir / "checkpoints"
+
+
+def build_strategy(config: TrainerConfig) -> Any:
+    """Lightning's strategy for `trainer.strategy`; DeepSpeed's settings derive from the config
+    (no JSON to keep in sync with the training flags)."""
+    if config.strategy == "auto":
+        return "auto"
+    if config.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(gradient_as_bucket_view=True)
+    if config.strategy == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(
+            stage=config.deepspeed_stage,
+            offload_optimizer=config.offload_optimizer,
+            logging_batch_size_per_gpu=1,
+        )
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    # FSDP2: ControlNetModule.configure_model shards the ControlNet with fully_shard.
+    return ModelParallelStrategy(tensor_parallel_size=1)
+
+
+def build_callbacks(config: TrainConfig) -> list[L.Callback]:
+    every = config.trainer.log_every_n_steps
+    callbacks: list[L.Callback] = [
+        NonFiniteGuard(every),
+        ThroughputLogger(every),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if config.ema.enabled:
+        callbacks.append(EMACallback(config.ema.config))
+    callbacks.append(ExportCallback(config.run_dir, config.export))
+    callbacks.append(ValidationCallback(config.run_dir, config.validation))
+    callbacks.append(LossHistory(config.run_dir))
+    callbacks.append(
+        ModelCheckpoint(
+            dirpath=checkpoint_dir(config),
+            filename="step-{step:08d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=config.checkpoint.every_n_steps or None,
+            save_top_k=config.checkpoint.keep_last,
+            monitor="step",
+            mode="max",
+            save_on_train_epoch_end=False,
+        )
+    )
+    return callbacks
+
+
+def build_trainer(
+    config: TrainConfig, callbacks_extra: Sequence[L.Callback] = (), **overrides: Any
+) -> L.Trainer:
+    """A Trainer as `config` says; `overrides` replace Trainer arguments (tests, tools)."""
+    t = config.trainer
+    options: dict[str, Any] = {
+        "max_steps": t.max_steps,
+        "max_epochs": -1,
+        "accelerator": t.accelerator,
+        "devices": t.devices,
+        "num_nodes": t.num_nodes,
+        "strategy": build_strategy(t),
+        "precision": _PRECISION[t.precision],
+        "accumulate_grad_batches": t.accumulate_grad_batches,
+        "gradient_clip_val": t.gradient_clip_val,
+        "log_every_n_steps": t.log_every_n_steps,
+        "callbacks": [*build_callbacks(config), *callbacks_extra],
+        "logger": TensorBoardLogger(save_dir=str(config.run_dir), name="logs", version=""),
+        "default_root_dir": str(config.run_dir),
+        # The bucket sampler is rank-aware by itself; Lightning must not wrap it.
+        "use_distributed_sampler": False,
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+    }
+    options.update(overrides)
+    return L.Trainer(**options)
+
+
+def resume_path(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: `auto` takes the newest complete one, if any."""
+    resume = config.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
+        return path
+    found = sorted(
+        (
+            p
+            for p in checkpoint_dir(config).glob("step-*.ckpt")
+            if CHECKPOINT_PATTERN.fullmatch(p.name)
+        ),
+        reverse=True,
+    )
+    for path in found:
+        if path.is_dir() or zipfile.is_zipfile(path):  # a torch.save archive that ends whole
+            return path
+        logger.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def fit(
+    config: TrainConfig, callbacks_extra: Sequence[L.Callback] = (), **trainer_overrides: Any
+) -> tuple[L.Trainer, ControlNetModule]:
+    """Train as `config` says; resumes per `checkpoint.resume`. Returns trainer and module."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(config, callbacks_extra, **trainer_overrides)
+    if trainer.is_global_zero:
+        write_resolved_config(config, config.run_dir)
+    module = ControlNetModule(config)
+    data = ControlNetDataModule(config)
+    ckpt = resume_path(config)
+    if ckpt is not None:
+        logger.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer, module
