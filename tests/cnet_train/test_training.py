@@ -116,3 +116,13 @@ def test_cache_gives_the_same_loss_as_online_encoding(make_config: MakeConfig) -
     for step in (0, 1, 2):
         # Equal up to float reordering: the cache encoded captions in other batches.
         torch.testing.assert_close(a.loss(batch, step), b.loss(batch, step), rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_frozen_parts_train_and_validate(make_config: MakeConfig) -> None:
+    config = make_config("sdxl", steps=2, trainer_precision="bf16-mixed")
+    config = attrs.evolve(config, model=attrs.evolve(config.model, frozen_dtype="bfloat16"))
+    trainer, module = fit(config, **QUIET)
+    assert module.unet.dtype == torch.bfloat16
+    assert module.controlnet.dtype == torch.float32  # trained in float32 under autocast
+    assert trainer.global_step == 2
+    assert (config.run_dir / "validation" / "step-00000002.png").is_file()

@@ -86,6 +86,11 @@ def _batches(index: DatasetIndex, rank: int, world: int, size: int) -> Iterator[
 
 
 def _rank_and_world() -> tuple[int, int]:
+    # torchrun sets WORLD_SIZE and RANK; under `srun` only SLURM's variables exist.
+    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("RANK", os.environ.get("SLURM_PROCID", "0"))
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from cnet_models.loading import BaseModel
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.export import ExportCallback
 from cnet_train.callbacks.guard import NonFiniteGuard
@@ -138,15 +139,22 @@ def resume_path(config: TrainConfig) -> Path | None:
 
 
 def fit(
-    config: TrainConfig, callbacks_extra: Sequence[L.Callback] = (), **trainer_overrides: Any
+    config: TrainConfig,
+    callbacks_extra: Sequence[L.Callback] = (),
+    *,
+    base: BaseModel | None = None,
+    **trainer_overrides: Any,
 ) -> tuple[L.Trainer, ControlNetModule]:
-    """Train as `config` says; resumes per `checkpoint.resume`. Returns trainer and module."""
+    """Train as `config` says; resumes per `checkpoint.resume`. Returns trainer and module.
+
+    `base` replaces loading `config.model` (a model built in memory, e.g. full-size random
+    weights for a benchmark)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, callbacks_extra, **trainer_overrides)
     if trainer.is_global_zero:
         write_resolved_config(config, config.run_dir)
-    module = ControlNetModule(config)
+    module = ControlNetModule(config, base)
     data = ControlNetDataModule(config)
     ckpt = resume_path(config)
     if ckpt is not None:

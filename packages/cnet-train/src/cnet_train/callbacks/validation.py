@@ -65,7 +65,10 @@ class ValidationCallback(L.Callback):
         pl_module.controlnet.eval()
         try:
             pipe = controlnet_pipeline(pl_module.base, pl_module.controlnet)
-            with torch.autocast(pl_module.device.type, enabled=False):
+            # The ControlNet is float32, the frozen parts may be half precision: autocast to
+            # the UNet's dtype lets both meet, as the dtype-matched pipeline would at inference.
+            half = pl_module.unet.dtype != torch.float32
+            with torch.autocast(pl_module.device.type, dtype=pl_module.unet.dtype, enabled=half):
                 images = generate(
                     pipe,
                     [self.config.prompts[i] for i in mine],
@@ -89,7 +92,7 @@ class ValidationCallback(L.Callback):
         self.last_grid = path
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                chw = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1)
+                chw = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
                 logger.experiment.add_image("validation", chw, trainer.global_step)
         return path
 
