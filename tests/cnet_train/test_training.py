@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cnet_data.captions import caption_key_hex
+from cnet_data.embcache import CacheMismatchError
 from cnet_data.sources import SourceConfig
 from cnet_data.synthetic import write_fill_dataset
 from cnet_models.facade import ControlNetModel
@@ -126,3 +127,12 @@ def test_half_precision_frozen_parts_train_and_validate(make_config: MakeConfig)
     assert module.controlnet.dtype == torch.float32  # trained in float32 under autocast
     assert trainer.global_step == 2
     assert (config.run_dir / "validation" / "step-00000002.png").is_file()
+
+
+def test_a_cache_of_another_model_is_refused(make_config: MakeConfig) -> None:
+    sd15 = make_config("sd15")
+    cache = CacheConfig(path=sd15.run_dir / "cache")
+    embed_captions(attrs.evolve(sd15, cache=cache))
+    other = attrs.evolve(make_config("sd21"), cache=cache)
+    with pytest.raises(CacheMismatchError, match="fingerprint differs"):
+        ControlNetModule(other).setup("fit")
