@@ -9,10 +9,11 @@ import lightning as L
 from typing_extensions import override
 
 from cnet_models.ema import EMAConfig, ExponentialMovingAverage
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.module import ControlNetModule
 
 
-class EMACallback(L.Callback):
+class EMACallback(AfterBatch):
     """Keeps `ema` (an `ExponentialMovingAverage` of the module's ControlNet) up to date."""
 
     def __init__(self, config: EMAConfig) -> None:
@@ -30,13 +31,8 @@ class EMACallback(L.Callback):
             self._pending = None
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         if self.ema is not None:
             # global_step counts optimizer steps; with gradient accumulation it stays put on

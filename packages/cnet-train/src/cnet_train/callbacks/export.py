@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from typing_extensions import override
 
 from cnet_models.atomic import replace_dir_atomically
 from cnet_models.ema_export import export_ema_controlnet
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.config import ExportConfig
 from cnet_train.module import ControlNetModule
@@ -27,7 +29,7 @@ def export_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "exports" / f"{EXPORT_PREFIX}{step:08d}"
 
 
-class ExportCallback(L.Callback):
+class ExportCallback(AfterBatch):
     def __init__(self, run_dir: Path, config: ExportConfig) -> None:
         self.run_dir = run_dir
         self.config = config
@@ -35,13 +37,8 @@ class ExportCallback(L.Callback):
         """The newest complete export."""
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: object,
-        batch: object,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         every = self.config.every_n_steps
         step = trainer.global_step

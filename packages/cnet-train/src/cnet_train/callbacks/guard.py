@@ -8,12 +8,14 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from cnet_train.callbacks.base import AfterBatch
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class NonFiniteGuard(L.Callback):
+class NonFiniteGuard(AfterBatch):
     """Checks the loss every `every_n_steps` optimizer steps.
 
     Not every step: the check reads the loss on the host and agrees on it across ranks, a sync
@@ -24,13 +26,8 @@ class NonFiniteGuard(L.Callback):
         self.every_n_steps = every_n_steps
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         if trainer.global_step % self.every_n_steps:
             return

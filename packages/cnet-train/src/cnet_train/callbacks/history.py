@@ -9,10 +9,11 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.plots import write_line_chart
 
 
-class LossHistory(L.Callback):
+class LossHistory(AfterBatch):
     """Appends (step, loss) every `every_n_steps` steps; writes `loss.csv` and `loss.png`."""
 
     def __init__(self, run_dir: Path, every_n_steps: int = 1) -> None:
@@ -22,13 +23,8 @@ class LossHistory(L.Callback):
         self.losses: list[float] = []
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or step % self.every_n_steps or step in self.steps[-1:]:

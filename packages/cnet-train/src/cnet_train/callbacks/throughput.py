@@ -8,8 +8,10 @@ from typing import Any
 import lightning as L
 from typing_extensions import override
 
+from cnet_train.callbacks.base import AfterBatch
 
-class ThroughputLogger(L.Callback):
+
+class ThroughputLogger(AfterBatch):
     """Logs `train/samples_per_s` (all ranks together) over each logging window."""
 
     def __init__(self, every_n_steps: int) -> None:
@@ -18,13 +20,8 @@ class ThroughputLogger(L.Callback):
         self._start: float | None = None
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         now = time.perf_counter()
         if self._start is None:  # the first batch includes start-up: measure from its end

@@ -18,12 +18,13 @@ from PIL import Image
 from typing_extensions import override
 
 from cnet_models.pipelines import controlnet_pipeline, generate
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.config import ValidationConfig
 from cnet_train.module import ControlNetModule
 from cnet_train.plots import image_grid, save_png
 
 
-class ValidationCallback(L.Callback):
+class ValidationCallback(AfterBatch):
     def __init__(self, run_dir: Path, config: ValidationConfig) -> None:
         self.run_dir = run_dir
         self.config = config
@@ -35,13 +36,8 @@ class ValidationCallback(L.Callback):
             )
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         every = self.config.every_n_steps
         if every and trainer.global_step and trainer.global_step % every == 0:
