@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="tiny offline end-to-end run on CPU")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output folder")
     demo.add_argument("--family", choices=["sd15", "sd21", "sdxl"], default="sd15")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    demo.add_argument("--steps", type=int, default=150, help="optimizer steps")
     demo.add_argument("--samples", type=int, default=48, help="generated samples")
     demo.set_defaults(run=_demo)
 

@@ -66,7 +66,9 @@ def demo_config(out: Path, family: FamilyName, *, steps: int, samples: int) -> T
     )
 
 
-def run_demo(out: Path, family: FamilyName = "sd15", *, steps: int = 60, samples: int = 48) -> Path:
+def run_demo(
+    out: Path, family: FamilyName = "sd15", *, steps: int = 150, samples: int = 48
+) -> Path:
     """Build, train, validate and export; print where the results are; return the export."""
     from cnet_train.config_io import dump_config
     from cnet_train.trainer import fit
