@@ -33,7 +33,12 @@ TARGET_RATIO = 2.0
 
 
 def write_sources(root: Path, pairs: int, width: int, height: int) -> Path:
-    """Photo-like JPEGs (smooth gradients plus noise) and edge-map-like conditions."""
+    """Photo-like JPEGs and edge-map-like conditions.
+
+    Smooth gradients, a fine texture (detail at several scales, as in foliage or fabric) and
+    sensor-like noise of sigma 4: pure Gaussian noise of large sigma would make Huffman
+    decoding dominate, which no photograph does, and hide what DCT-domain scaling saves.
+    """
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     lines = []
@@ -42,7 +47,9 @@ def write_sources(root: Path, pairs: int, width: int, height: int) -> Path:
         base = np.stack(
             [127 + 100 * np.sin(xx / (200 + 40 * c) + yy / 300 + phase[c]) for c in range(3)], -1
         )
-        noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        texture = 12 * np.sin(xx / 3.1 + phase[0]) * np.cos(yy / 4.7 + phase[1])
+        noise = rng.normal(0, 4, base.shape)
+        noisy = np.clip(base + texture[..., None] + noise, 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(root / f"{i}.jpg", quality=92)
         edges = ((np.abs(np.sin(xx / 97 + i) * np.cos(yy / 61)) > 0.97) * 255).astype(np.uint8)
         Image.fromarray(edges).convert("RGB").save(root / f"{i}_c.jpg", quality=92)
