@@ -136,3 +136,13 @@ def test_a_cache_of_another_model_is_refused(make_config: MakeConfig) -> None:
     other = attrs.evolve(make_config("sd21"), cache=cache)
     with pytest.raises(CacheMismatchError, match="fingerprint differs"):
         ControlNetModule(other).setup("fit")
+
+
+def test_compile_flag_compiles_in_place(make_config: MakeConfig) -> None:
+    config = make_config("sd15", trainer_compile=True)
+    module = ControlNetModule(config)
+    names = list(module.controlnet.state_dict())
+    module.configure_model()
+    assert module.controlnet._compiled_call_impl is not None
+    assert module.unet._compiled_call_impl is not None
+    assert list(module.controlnet.state_dict()) == names  # checkpoints keep their keys

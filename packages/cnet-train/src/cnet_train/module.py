@@ -31,7 +31,8 @@ Batch = Mapping[str, Any]
 _EMPTY_KEY = caption_key_hex("")
 """The cache key of the empty prompt, which caption dropout swaps in."""
 _CHECKPOINTED = ("controlnet.",)
-"""Only the trainable ControlNet goes into checkpoints; the frozen parts reload from the hub."""
+"""Only the trainable ControlNet goes into checkpoints; the frozen parts reload from their
+source (a folder or the hub)."""
 
 
 class ControlNetModule(L.LightningModule):
@@ -76,6 +77,13 @@ class ControlNetModule(L.LightningModule):
 
     @override
     def configure_model(self) -> None:
+        self._shard_for_fsdp2()
+        if self.config.trainer.compile:
+            # In place: parameter names, and so checkpoints and exports, stay as they are.
+            self.unet.compile()
+            self.controlnet.compile()
+
+    def _shard_for_fsdp2(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer.strategy: fsdp)
         if mesh is None:
             return
