@@ -35,6 +35,7 @@ from cnet_models.facade import CLIPTextConfig, TextEncoder, load_scheduler, load
 from cnet_models.families import FAMILY_NAMES, family_by_name
 from cnet_models.fullsize import build_fullsize, load_arch_config, text_encoder_class
 from cnet_models.loading import BaseModel
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.config import TrainConfig
@@ -111,20 +112,15 @@ def text_encoder(tiny: Path, part: str) -> TextEncoder:
     return encoder
 
 
-class StepTimer(L.Callback):
+class StepTimer(AfterBatch):
     """Wall time at the end of every training batch (synchronised: the GPU work is done)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())

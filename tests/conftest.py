@@ -10,10 +10,54 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 RunRanks = Callable[[Sequence[str], int], list[str]]
+RenderWithControlNet = Callable[[Path, Path], Any]
+
+
+@pytest.fixture(scope="session")
+def render_with_controlnet() -> RenderWithControlNet:
+    """`render(model_folder, controlnet_folder)`: a 64x64 image (numpy, HWC in [0, 1]) from the
+    family's diffusers ControlNet pipeline, loaded with `from_pretrained` as a user would, in
+    two steps from a fixed seed and a fixed random conditioning image."""
+
+    def render(model: Path, controlnet_folder: Path) -> Any:
+        import json
+
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from cnet_models.facade import (
+            StableDiffusionControlNetPipeline,
+            StableDiffusionXLControlNetPipeline,
+            load_controlnet,
+        )
+
+        index = json.loads((model / "model_index.json").read_text())
+        sdxl = "text_encoder_2" in index
+        kind = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
+        pipe = kind.from_pretrained(str(model), controlnet=load_controlnet(controlnet_folder, None))
+        pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
+        control = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+        result = pipe(
+            "a red circle",
+            image=Image.fromarray(control),
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
+        image = np.asarray(result.images[0])
+        assert image.shape == (64, 64, 3)
+        assert np.isfinite(image).all()
+        return image
+
+    return render
 
 
 @pytest.fixture(scope="session")

@@ -15,22 +15,18 @@ from typing import Any
 import lightning as L
 from typing_extensions import override
 
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.config_io import load_config
 from cnet_train.trainer import fit
 
 
-class CountBatches(L.Callback):
+class CountBatches(AfterBatch):
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         self.batches.append([int(i) for i in batch["bucket"].tolist()])
 

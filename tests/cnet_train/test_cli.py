@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from cnet_models.facade import (
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetPipeline,
-    load_controlnet,
-)
 from cnet_train.cli import main
 
 
@@ -32,7 +25,10 @@ def test_help_is_fast_and_light() -> None:
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_demo_then_export_then_pipeline(
-    tmp_path: Path, family: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    family: str,
+    capsys: pytest.CaptureFixture[str],
+    render_with_controlnet: Callable[[Path, Path], object],
 ) -> None:
     out = tmp_path / "demo"
     assert (
@@ -51,26 +47,8 @@ def test_demo_then_export_then_pipeline(
     checkpoint = sorted((out / "run" / "checkpoints").glob("*.ckpt"))[-1]
     assert main(["export", str(checkpoint), str(tmp_path / "exported")]) == 0
 
-    pipeline_class = (
-        StableDiffusionXLControlNetPipeline
-        if family == "sdxl"
-        else StableDiffusionControlNetPipeline
-    )
-    control = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
     for name in ("controlnet", "controlnet_ema"):
-        controlnet = load_controlnet(tmp_path / "exported" / name, None)
-        pipe = pipeline_class.from_pretrained(str(out / "model"), controlnet=controlnet)
-        pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
-        image = pipe(
-            "a red circle",
-            image=control,
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ).images[0]
-        assert np.asarray(image).shape == (64, 64, 3)
+        render_with_controlnet(out / "model", tmp_path / "exported" / name)
 
 
 def test_config_errors_name_the_key_and_load_nothing(
