@@ -10,6 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cnet_train.config import TrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,28 +71,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> object:
+def _load(args: argparse.Namespace) -> TrainConfig:
     from cnet_train.config_io import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from cnet_train.config import TrainConfig
     from cnet_train.trainer import fit
 
     config = _load(args)
-    assert isinstance(config, TrainConfig)
     fit(config)
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from cnet_train.config import TrainConfig
     from cnet_train.config_io import dump_config
 
     config = _load(args)
-    assert isinstance(config, TrainConfig)
     print(dump_config(config), end="")
     return 0
 
@@ -101,11 +101,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from cnet_train.config import TrainConfig
     from cnet_train.embed import embed_captions
 
     config = _load(args)
-    assert isinstance(config, TrainConfig)
     embed_captions(config)
     return 0
 

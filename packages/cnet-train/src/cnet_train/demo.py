@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cnet_data.atomic import atomic_write_text
 from cnet_data.buckets import BucketConfig
 from cnet_data.sources import SourceConfig
 from cnet_data.synthetic import write_fill_dataset
@@ -74,7 +75,7 @@ def run_demo(
     from cnet_train.trainer import fit
 
     config = demo_config(Path(out), family, steps=steps, samples=samples)
-    (Path(out) / "demo.yaml").write_text(dump_config(config), encoding="utf-8")
+    atomic_write_text(Path(out) / "demo.yaml", dump_config(config))
     trainer, _ = fit(config, enable_progress_bar=True)
     exports = sorted((config.run_dir / "exports").glob("step-*"))
     if not exports:

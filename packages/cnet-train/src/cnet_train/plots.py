@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from cnet_data.atomic import atomic_open
+
 
 def write_line_chart(
     xs: Sequence[float],
@@ -54,8 +56,6 @@ def image_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
 
 
 def save_png(img: Image.Image, path: Path) -> None:
-    """Save under a temporary name, then rename: a reader never sees half a picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    """Save atomically: a reader never sees half a picture."""
+    with atomic_open(path) as fh:
+        img.save(fh, format="PNG")
