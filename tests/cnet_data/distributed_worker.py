@@ -9,6 +9,7 @@ rank saw.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def main(index_dir: Path, out: Path) -> None:
     if dist.get_rank() == 0:
         out.write_text(json.dumps({"ranks": gathered, "bucket_ids": sampler.bucket_ids.tolist()}))
     dist.destroy_process_group()
+    # Results are on disk; skip interpreter teardown, where a gloo thread still being torn
+    # down occasionally aborts the process ("terminate called without an active exception").
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
