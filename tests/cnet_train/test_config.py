@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cnet_data.sources import SourceConfig
@@ -99,7 +99,7 @@ export: {every_n_steps: 1000, keep_last: 3}
 checkpoint: {every_n_steps: 200, keep_last: 1, resume: none}
 trainer:
   max_steps: 5000
-  precision: "16-mixed"
+  precision: "bf16-mixed"
   strategy: deepspeed
   deepspeed_stage: 3
   offload_optimizer: true
@@ -541,6 +541,8 @@ def _dotted(config: object, key: str) -> object:
 @settings(max_examples=60, deadline=None)
 @given(st.fixed_dictionaries({}, optional={k: strategy for k, (strategy, _) in _VALID.items()}))
 def test_valid_overrides_round_trip_through_dump_and_load(chosen: dict[str, Any]) -> None:
+    pair = (chosen.get("trainer.strategy"), chosen.get("trainer.precision"))
+    assume(pair != ("deepspeed", "16-mixed"))  # the one refused pair, tested on its own
     overrides = [_as_override(key, value) for key, value in chosen.items()]
     config = config_from_dict(yaml.safe_load(MINIMAL), overrides)
     for key, value in chosen.items():
@@ -548,3 +550,11 @@ def test_valid_overrides_round_trip_through_dump_and_load(chosen: dict[str, Any]
     with tempfile.TemporaryDirectory() as folder:
         written = write_resolved_config(config, Path(folder))
         assert load_config(written) == config
+
+
+def test_deepspeed_refuses_16_mixed() -> None:
+    (problem,) = _problems(
+        _minimal_with({"trainer": {"strategy": "deepspeed", "precision": "16-mixed"}})
+    )
+    assert "16-mixed is not available with trainer.strategy deepspeed" in problem
+    assert "use bf16-mixed" in problem

@@ -25,8 +25,8 @@ def test_non_finite_loss_stops_with_a_clear_message(
     config = attrs.evolve(config, trainer=attrs.evolve(config.trainer, log_every_n_steps=1))
     real_loss = ControlNetModule.loss
 
-    def poisoned(self: ControlNetModule, batch: Any, step: int) -> torch.Tensor:
-        loss = real_loss(self, batch, step)
+    def poisoned(self: ControlNetModule, batch: Any, step: int, micro: int = 0) -> torch.Tensor:
+        loss = real_loss(self, batch, step, micro)
         return loss * float("nan") if step >= 2 else loss
 
     monkeypatch.setattr(ControlNetModule, "loss", poisoned)

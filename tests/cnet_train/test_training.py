@@ -143,6 +143,6 @@ def test_compile_flag_compiles_in_place(make_config: MakeConfig) -> None:
     module = ControlNetModule(config)
     names = list(module.controlnet.state_dict())
     module.configure_model()
-    assert module.controlnet._compiled_call_impl is not None
-    assert module.unet._compiled_call_impl is not None
+    assert module.controlnet.mid_block._compiled_call_impl is not None
+    assert module.unet.down_blocks[0]._compiled_call_impl is not None
     assert list(module.controlnet.state_dict()) == names  # checkpoints keep their keys

@@ -4,7 +4,9 @@ The shadow is a float32 copy of every parameter that requires grad, keyed by nam
 live parameters' dtype. Sharded parameters (FSDP2 `fully_shard`, any DTensor) are averaged shard by
 shard: each rank keeps the float32 copy of its own local shard and remembers how the full tensor
 is laid out, so `state_dict` can hand out DTensors and `full_state_dict` / the export can gather
-full tensors. DeepSpeed ZeRO-2 shards only the optimizer state; parameters are whole on every rank
+full tensors. DeepSpeed ZeRO-3 parameters are averaged the same way over their flat per-rank
+partitions (`ds_tensor`), which are float32 when DeepSpeed trains in float32 under autocast, as cnet
+runs it. DeepSpeed ZeRO-2 shards only the optimizer state; parameters are whole on every rank
 and need nothing special. FSDP1 (`FullyShardedDataParallel`) flattens parameters into rank-local
 slices that carry no layout, so it is refused rather than averaged wrongly.
 
@@ -20,9 +22,12 @@ from typing import Literal
 
 import attrs
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+
+from cnet_models.gather import is_zero3_partitioned
 
 __all__ = ["EMAConfig", "EMAStateError", "ExponentialMovingAverage", "ShadowDevice", "clean_name"]
 
@@ -143,14 +148,50 @@ class _Layout:
         return distribute_tensor(on_mesh, self.mesh, self.placements, src_data_rank=None).to_local()
 
 
+@attrs.frozen
+class _Zero3Layout:
+    """How a DeepSpeed ZeRO-3 parameter is spread: rank r holds the r-th equal slice of the
+    flattened tensor, the last one padded."""
+
+    shape: torch.Size
+    numel: int
+    device: torch.device
+    """Where the partitions live (the collective's device: a CPU shadow moves there for it)."""
+    group: dist.ProcessGroup | None
+
+    def to_full(self, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every rank's `local` partition (collective)."""
+        on_device = local.to(self.device).contiguous()
+        parts = [torch.empty_like(on_device) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, on_device, group=self.group)
+        return torch.cat(parts)[: self.numel].view(self.shape).to(local.device)
+
+    def local_part(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's partition of the full tensor `value`."""
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        size = -(-self.numel // world)
+        flat = (value.full_tensor() if isinstance(value, DTensor) else value).reshape(-1)
+        part = flat[rank * size : (rank + 1) * size]
+        return torch.cat([part, part.new_zeros(size - part.numel())])
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    if isinstance(t, DTensor):
+        return t.to_local()
+    if is_zero3_partitioned(t):
+        partition: torch.Tensor = t.ds_tensor  # type: ignore[attr-defined]
+        return partition
+    return t
 
 
-def _layout(t: torch.Tensor) -> _Layout | None:
-    if not isinstance(t, DTensor):
-        return None
-    return _Layout(t.device_mesh, tuple(t.placements), t.shape, t.stride())
+def _layout(t: torch.Tensor) -> _Layout | _Zero3Layout | None:
+    if isinstance(t, DTensor):
+        return _Layout(t.device_mesh, tuple(t.placements), t.shape, t.stride())
+    if is_zero3_partitioned(t):
+        shape = torch.Size(t.ds_shape)  # type: ignore[attr-defined]
+        group = getattr(t, "ds_process_group", None)
+        return _Zero3Layout(shape, shape.numel(), _local(t).device, group)
+    return None
 
 
 def _refuse_fsdp1(module: nn.Module) -> None:
@@ -297,14 +338,22 @@ class ExponentialMovingAverage:
     # -- checkpoints --------------------------------------------------------------------------
 
     def global_shadow(self) -> dict[str, torch.Tensor]:
-        """The shadow by name with sharded entries as DTensors (full shape, nothing gathered).
+        """The shadow by name with FSDP2-sharded entries as DTensors (full shape, nothing
+        gathered) and ZeRO-3 entries gathered into full tensors (collective: a flat partition
+        has no tensor type that carries its layout).
 
         A CPU shadow's shards move to the mesh's device for this (a DTensor lives on its mesh).
         """
-        return {
-            name: t if (layout := self._layouts[name]) is None else layout.to_global(t)
-            for name, t in zip(self._names, self._shadow, strict=True)
-        }
+        out: dict[str, torch.Tensor] = {}
+        for name, t in zip(self._names, self._shadow, strict=True):
+            layout = self._layouts[name]
+            if layout is None:
+                out[name] = t
+            elif isinstance(layout, _Zero3Layout):
+                out[name] = layout.to_full(t)
+            else:
+                out[name] = layout.to_global(t)
+        return out
 
     def state_dict(self) -> dict[str, object]:
         """What resume needs. Sharded entries are DTensors, which torch.distributed.checkpoint
@@ -362,7 +411,7 @@ class ExponentialMovingAverage:
 
 
 def _local_of(
-    name: str, value: torch.Tensor, layout: _Layout | None, current: torch.Tensor
+    name: str, value: torch.Tensor, layout: _Layout | _Zero3Layout | None, current: torch.Tensor
 ) -> torch.Tensor:
     """This rank's part of the saved `value` for parameter `name`, checked against the model."""
     expected = layout.shape if layout is not None else current.shape

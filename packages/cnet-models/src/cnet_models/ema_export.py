@@ -11,19 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from cnet_models.atomic import replace_dir_atomically
 from cnet_models.ema import EMAStateError, ExponentialMovingAverage, clean_name
 from cnet_models.facade import ControlNetModel, checked
+from cnet_models.gather import full_state_dict, full_tensor, is_writer
 
-__all__ = ["averaged_state_dict", "export_ema_controlnet"]
-
-
-def _is_writer() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+__all__ = ["averaged_state_dict", "export_controlnet", "export_ema_controlnet"]
 
 
 def _canonical_names(module: nn.Module) -> dict[str, str]:
@@ -47,12 +42,12 @@ def averaged_state_dict(
     """
     shadow = ema.global_shadow()
     aliases = _canonical_names(module)
-    keep = _is_writer()
+    keep = is_writer()
     out: dict[str, torch.Tensor] = {}
-    for raw, live in module.state_dict().items():
+    for raw, live in module.state_dict(keep_vars=True).items():
         name = clean_name(raw)
         value = shadow.get(aliases.get(name, name), live)
-        full = value.full_tensor() if isinstance(value, DTensor) else value
+        full = full_tensor(value)
         if keep:
             out[name] = full.detach().to("cpu", copy=True)
     unseen = set(ema.names) - {aliases.get(n, n) for n in out} if keep else set()
@@ -72,17 +67,35 @@ def export_ema_controlnet(
     """
     out = Path(out_dir)
     state = averaged_state_dict(ema, controlnet)
-    if _is_writer():
-        with torch.device("meta"):  # no random init of weights that are overwritten anyway
-            model = checked(
-                ControlNetModel.from_config(controlnet.config), ControlNetModel, "ControlNet"
-            )
-        model.load_state_dict(state, strict=True, assign=True)
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if left:
-            raise EMAStateError(f"EMA export left tensors without values: {left[:5]}")
-        replace_dir_atomically(out, lambda tmp: _save(model, tmp))
+    if is_writer():
+        _write(controlnet, state, out)
     return out
+
+
+def export_controlnet(controlnet: ControlNetModel, out_dir: str | Path) -> Path:
+    """Write `controlnet`'s own weights as a folder `ControlNetModel.from_pretrained` loads.
+
+    Works on sharded ControlNets (FSDP2, ZeRO-3): the full tensors are gathered, one at a time,
+    on every rank (call on every rank), and rank 0 writes them, atomically.
+    """
+    out = Path(out_dir)
+    state = {clean_name(k): v for k, v in full_state_dict(controlnet).items()}
+    if is_writer():
+        _write(controlnet, state, out)
+    return out
+
+
+def _write(controlnet: ControlNetModel, state: dict[str, torch.Tensor], out: Path) -> None:
+    with torch.device("meta"):  # no random init of weights that are overwritten anyway
+        model = checked(
+            ControlNetModel.from_config(controlnet.config), ControlNetModel, "ControlNet"
+        )
+    full32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(full32, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise EMAStateError(f"ControlNet export left tensors without values: {left[:5]}")
+    replace_dir_atomically(out, lambda tmp: _save(model, tmp))
 
 
 def _save(model: ControlNetModel, folder: Path) -> None:

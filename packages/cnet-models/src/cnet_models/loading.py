@@ -70,6 +70,15 @@ class BaseModel:
     def prompt_encoder(self) -> PromptEncoder:
         return PromptEncoder(self.family, self.tokenizers, self.text_encoders)
 
+    def frozen_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The UNet, the VAE and the text encoders: every module with weights."""
+        return (self.unet, self.vae, *self.text_encoders)
+
+    def to_device(self, device: torch.device) -> None:
+        """Move every frozen part to `device`, each keeping its own dtype."""
+        for part in self.frozen_modules():
+            part.to(device)
+
 
 def load_base_model(config: BaseModelConfig) -> BaseModel:
     """Load and freeze the parts of `config.source`; errors name the folder and the part."""

@@ -64,12 +64,13 @@ def generate(
     resolution: int,
     steps: int,
     guidance_scale: float,
-    seed: int,
+    seeds: Sequence[int],
 ) -> list[Image.Image]:
-    """One image per (prompt, conditioning image), each from its own seeded generator."""
+    """One image per (prompt, conditioning image, seed), each from its own seeded generator
+    (an image does not depend on which other prompts are rendered with it, or where)."""
     out = []
     device = pipe.unet.device
-    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+    for prompt, image, seed in zip(prompts, images, seeds, strict=True):
         result = pipe(
             prompt,
             image=image.convert("RGB").resize((resolution, resolution)),
@@ -78,7 +79,7 @@ def generate(
             height=resolution,
             width=resolution,
             output_type="np",
-            generator=torch.Generator(device=device).manual_seed(seed + i),
+            generator=torch.Generator(device=device).manual_seed(seed),
         )
         array = np.asarray(result.images[0])
         out.append(Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)))

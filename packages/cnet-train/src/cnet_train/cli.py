@@ -78,10 +78,14 @@ def _load(args: argparse.Namespace) -> TrainConfig:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from cnet_train.trainer import fit
+    from cnet_train.trainer import RankFailedError, fit
 
     config = _load(args)
-    fit(config)
+    try:
+        fit(config)
+    except RankFailedError as exc:
+        print(f"cnet-train launch: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -158,7 +158,10 @@ class TrainerConfig:
     max_steps: int = attrs.field(default=10_000, validator=_positive)
     """Optimizer steps to train for."""
     precision: Precision = "bf16-mixed"
-    """Autocast precision of the trainable ControlNet (its weights stay float32)."""
+    """Autocast precision of the trainable forward (the ControlNet's weights, its EMA and its
+    exports stay float32 under every strategy; the frozen encoders run in their own dtype,
+    outside autocast). `16-mixed` (with loss scaling) is for GPUs without bfloat16 and is not
+    available with `strategy: deepspeed`."""
     strategy: StrategyName = "auto"
     """`auto` (one device), `ddp`, `deepspeed` or `fsdp` (FSDP2 through Lightning)."""
     deepspeed_stage: Literal[2, 3] = 2
@@ -173,8 +176,20 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     """Clip the gradient norm to this; None: no clipping."""
     compile: bool = False
-    """`torch.compile` the frozen UNet and the ControlNet."""
+    """`torch.compile` the repeated blocks of the frozen UNet and the ControlNet (regional
+    compilation, shapes marked dynamic): each block compiles once, with a shape-generic graph
+    that the buckets' changing sizes reuse. It costs a compile at the first step (tens of
+    seconds for SDXL on a GPU) and at most a few more for new shapes; it pays off on long runs."""
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.strategy == "deepspeed" and self.precision == "16-mixed":
+            raise ValueError(
+                "trainer.precision 16-mixed is not available with trainer.strategy deepspeed: "
+                "cnet keeps DeepSpeed's weights float32 under its own autocast, and float16 needs "
+                "the loss scaling only DeepSpeed's fp16 mode (which casts the weights) provides; "
+                "use bf16-mixed, or strategy ddp / fsdp for 16-mixed"
+            )
 
 
 @attrs.frozen

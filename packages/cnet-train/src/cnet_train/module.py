@@ -1,13 +1,26 @@
 """`ControlNetModule`: the Lightning module that trains a ControlNet on a frozen base model.
 
+Only the trainable ControlNet is registered as a submodule. The frozen UNet, VAE and text
+encoders live in `self.base`, outside the module tree, so that no strategy sees them: DDP does
+not track them, FSDP2 and ZeRO-3 do not shard them, DeepSpeed does not cast them to its half
+dtype, and no checkpoint of any strategy holds them (they reload from their source). `setup`
+moves them to the device, each in its own dtype.
+
 Every random draw of a step (VAE latent sample, noise, timesteps, caption dropout) comes from a
-generator seeded by (seed, global step, rank), not from the global RNG: a resumed run draws
-exactly what an uninterrupted one would, with no RNG state in the checkpoint.
+generator seeded by (seed, optimizer step, micro-batch, rank), not from the global RNG: a
+resumed run draws exactly what an uninterrupted one would, with no RNG state in the checkpoint,
+and the micro-batches of one accumulated optimizer step draw differently.
+
+The frozen encoders run outside autocast, in their own dtype (a VAE kept in float32 for
+`force_upcast` computes in float32 under every precision); only the controlled UNet forward runs
+under autocast, which the module enters itself, so that it holds under DeepSpeed too (there
+Lightning hands DeepSpeed float32 weights and no autocast of its own).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning as L
@@ -18,7 +31,7 @@ from typing_extensions import override
 from cnet_data.captions import caption_key_hex
 from cnet_data.embcache import EmbeddingCache
 from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet, sdxl_time_ids
-from cnet_models.facade import vae_encode_mean_and_sample
+from cnet_models.facade import AutoencoderKL, UNet2DConditionModel, vae_encode_mean_and_sample
 from cnet_models.loading import BaseModel, load_base_model
 from cnet_models.noise import NoiseSchedule
 from cnet_models.text import PromptEmbeddings
@@ -30,9 +43,7 @@ from cnet_train.optim import build_optimizer, build_scheduler
 Batch = Mapping[str, Any]
 _EMPTY_KEY = caption_key_hex("")
 """The cache key of the empty prompt, which caption dropout swaps in."""
-_CHECKPOINTED = ("controlnet.",)
-"""Only the trainable ControlNet goes into checkpoints; the frozen parts reload from their
-source (a folder or the hub)."""
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class ControlNetModule(L.LightningModule):
@@ -43,23 +54,35 @@ class ControlNetModule(L.LightningModule):
         self.config = config
         base = base if base is not None else load_base_model(config.model)
         self.family = base.family
-        self.unet = base.unet
-        self.vae = base.vae
-        self.text_encoders = torch.nn.ModuleList(base.text_encoders)
+        self.base = base  # not a Module: the frozen parts stay outside the module tree
         self.controlnet = make_controlnet(base.unet, config.controlnet)
-        self.controlled = ControlledUNet(self.unet, self.controlnet)
         self.schedule = NoiseSchedule(base.scheduler)
         self.prompt_encoder = base.prompt_encoder()
         self.vae_scaling_factor = base.vae_scaling_factor
-        self.base = base
         self.cache: EmbeddingCache | None = None
-        # Frozen weights are not checkpointed, so loading must accept their absence.
-        self.strict_loading = False
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.base.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.base.vae
+
+    @property
+    def controlled(self) -> ControlledUNet:
+        """The frozen UNet steered by the ControlNet (a light wrapper, made when asked, so that
+        it never registers the UNet in this module's tree)."""
+        return ControlledUNet(self.base.unet, self.controlnet)
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
     @override
     def setup(self, stage: str) -> None:
+        # The strategy moves only the registered ControlNet; the frozen parts follow here.
+        trainer = self._trainer
+        if trainer is not None:
+            self.base.to_device(trainer.strategy.root_device)
         path = self.config.cache.path
         if path is not None and self.cache is None:
             fingerprint = self.prompt_encoder.fingerprint(self.config.model.source)
@@ -79,9 +102,18 @@ class ControlNetModule(L.LightningModule):
     def configure_model(self) -> None:
         self._shard_for_fsdp2()
         if self.config.trainer.compile:
-            # In place: parameter names, and so checkpoints and exports, stay as they are.
-            self.unet.compile()
-            self.controlnet.compile()
+            self._compile_blocks()
+
+    def _compile_blocks(self) -> None:
+        """Regional compilation: each down, mid and up block of the UNet and ControlNet compiles
+        on its own, in place (parameter names, hence checkpoints and exports, do not change),
+        with dynamic shapes, so that a change of bucket reuses the graph instead of crashing or
+        recompiling the whole model."""
+        unet, controlnet = self.unet, self.controlnet
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            block.compile(dynamic=True)
+        for block in [*controlnet.down_blocks, controlnet.mid_block]:
+            block.compile(dynamic=True)
 
     def _shard_for_fsdp2(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer.strategy: fsdp)
@@ -97,11 +129,6 @@ class ControlNetModule(L.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if isinstance(state, dict):
-            checkpoint["state_dict"] = {
-                k: v for k, v in state.items() if k.startswith(_CHECKPOINTED)
-            }
         # The resolved config and the ControlNet's architecture travel with the weights:
         # `cnet-train export` needs neither the YAML nor the base model.
         checkpoint["cnet_config"] = config_to_dict(self.config)
@@ -126,23 +153,32 @@ class ControlNetModule(L.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.global_step)
+        # Lightning steps the optimizer after every `accumulate` batches of an epoch.
+        micro = batch_idx % self.config.trainer.accumulate_grad_batches
+        loss = self.loss(batch, self.global_step, micro)
         self.log("train/loss", loss.detach(), prog_bar=True)
         return loss
 
     # -- the loss ------------------------------------------------------------------------------
 
-    def step_generator(self, step: int) -> torch.Generator:
-        """The generator of one step: a pure function of (seed, step, rank)."""
-        seed = (self.config.seed * 1_000_003 + step) * 4099 + self.global_rank
+    def step_generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """The generator of one micro-batch: a pure function of (seed, step, micro, rank)."""
+        seed = ((self.config.seed * 1_000_003 + step) * 1031 + micro) * 4099 + self.global_rank
         return torch.Generator(device=self.device).manual_seed(seed % (2**63))
 
-    def loss(self, batch: Batch, step: int) -> torch.Tensor:
-        """The (min-SNR weighted) diffusion loss of `batch`, with the draws of `step`."""
-        g = self.step_generator(step)
+    def autocast(self) -> AbstractContextManager[Any]:
+        """Autocast of the trainable forward for `trainer.precision` (off for 32)."""
+        dtype = _AUTOCAST_DTYPES.get(self.config.trainer.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def loss(self, batch: Batch, step: int, micro: int = 0) -> torch.Tensor:
+        """The (min-SNR weighted) diffusion loss of `batch`, with the draws of (`step`,
+        `micro`)."""
+        g = self.step_generator(step, micro)
         images = batch["image"]
         batch_size = images.shape[0]
-        with torch.no_grad():
+        # Frozen encoders in their own dtype: autocast would run a float32 VAE in half.
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             latents = self.encode_images(images, g)
             text = self.condition(batch, g)
         noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
@@ -157,14 +193,15 @@ class ControlNetModule(L.LightningModule):
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         target = self.schedule.target(latents, noise, timesteps)
         added = self.added_conditioning(batch, text)
-        prediction = self.controlled(
-            noisy,
-            timesteps,
-            text.prompt_embeds,
-            batch["conditioning_image"],
-            conditioning_scale=self.config.loss.conditioning_scale,
-            added=added,
-        )
+        with self.autocast():
+            prediction = self.controlled(
+                noisy,
+                timesteps,
+                text.prompt_embeds,
+                batch["conditioning_image"],
+                conditioning_scale=self.config.loss.conditioning_scale,
+                added=added,
+            )
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
         per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
         gamma = self.config.loss.min_snr_gamma

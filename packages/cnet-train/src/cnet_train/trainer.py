@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,42 +21,19 @@ from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.callbacks.history import LossHistory
 from cnet_train.callbacks.throughput import ThroughputLogger
 from cnet_train.callbacks.validation import ValidationCallback
-from cnet_train.config import TrainConfig, TrainerConfig
+from cnet_train.config import TrainConfig
 from cnet_train.config_io import write_resolved_config
 from cnet_train.data import ControlNetDataModule
 from cnet_train.module import ControlNetModule
+from cnet_train.strategies import build_strategy, lightning_precision
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})\.ckpt")
-_PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 
 
 def checkpoint_dir(config: TrainConfig) -> Path:
     return config.run_dir / "checkpoints"
-
-
-def build_strategy(config: TrainerConfig) -> Any:
-    """Lightning's strategy for `trainer.strategy`; DeepSpeed's settings derive from the config
-    (no JSON to keep in sync with the training flags)."""
-    if config.strategy == "auto":
-        return "auto"
-    if config.strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(gradient_as_bucket_view=True)
-    if config.strategy == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(
-            stage=config.deepspeed_stage,
-            offload_optimizer=config.offload_optimizer,
-            logging_batch_size_per_gpu=1,
-        )
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    # FSDP2: ControlNetModule.configure_model shards the ControlNet with fully_shard.
-    return ModelParallelStrategy(tensor_parallel_size=1)
 
 
 def build_callbacks(config: TrainConfig) -> list[L.Callback]:
@@ -97,7 +75,7 @@ def build_trainer(
         "devices": t.devices,
         "num_nodes": t.num_nodes,
         "strategy": build_strategy(t),
-        "precision": _PRECISION[t.precision],
+        "precision": lightning_precision(t),
         "accumulate_grad_batches": t.accumulate_grad_batches,
         "gradient_clip_val": t.gradient_clip_val,
         "log_every_n_steps": t.log_every_n_steps,
@@ -160,4 +138,39 @@ def fit(
     if ckpt is not None:
         logger.info("resuming from %s", ckpt)
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    check_local_ranks(trainer)
     return trainer, module
+
+
+RANK_EXIT_TIMEOUT_S = 300
+"""How long the main process waits for the other local ranks once its own run is over."""
+
+
+class RankFailedError(RuntimeError):
+    """Another process of this launch exited with an error."""
+
+
+def check_local_ranks(trainer: L.Trainer) -> None:
+    """Wait for the processes Lightning started beside this one and fail if any failed.
+
+    Lightning's subprocess launcher does not look at its children's exit codes once the main
+    process's `fit` returns: a rank that crashed at the end would leave a launch that reports
+    success to the scheduler.
+    """
+    procs: list[subprocess.Popen[bytes]] = getattr(trainer.strategy.launcher, "procs", [])
+    failed = []
+    for local_rank, proc in enumerate(procs, start=1):
+        try:
+            code = proc.wait(timeout=RANK_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # Left waiting in a collective that this rank will never enter: end it.
+            proc.kill()
+            failed.append(
+                f"local rank {local_rank} had not exited {RANK_EXIT_TIMEOUT_S} s after "
+                "this one finished and was killed"
+            )
+            continue
+        if code != 0:
+            failed.append(f"local rank {local_rank} exited with code {code}")
+    if failed:
+        raise RankFailedError("; ".join(failed) + " (its error is in the output above)")

@@ -15,8 +15,7 @@ from typing import Any
 import lightning as L
 from typing_extensions import override
 
-from cnet_models.atomic import replace_dir_atomically
-from cnet_models.ema_export import export_ema_controlnet
+from cnet_models.ema_export import export_controlnet, export_ema_controlnet
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.config import ExportConfig
@@ -59,13 +58,11 @@ class ExportCallback(AfterBatch):
             raise TypeError(f"ExportCallback needs a ControlNetModule, got {type(pl_module)}")
         out = export_dir(self.run_dir, trainer.global_step)
         ema = next((c.ema for c in trainer.callbacks if isinstance(c, EMACallback)), None)  # type: ignore[attr-defined]
-        if ema is not None:  # collective when the weights are sharded: every rank takes part
+        # Both gather full tensors when the weights are sharded: every rank takes part.
+        export_controlnet(pl_module.controlnet, out / "controlnet")
+        if ema is not None:
             export_ema_controlnet(ema, pl_module.controlnet, out / "controlnet_ema")
         if trainer.is_global_zero:
-            replace_dir_atomically(
-                out / "controlnet",
-                lambda tmp: pl_module.controlnet.save_pretrained(str(tmp), safe_serialization=True),
-            )
             self._prune()
         trainer.strategy.barrier("cnet-export")
         self.last = out

@@ -2,6 +2,11 @@
 
 The fixed (prompt, conditioning image) pairs are split over the ranks, each rank renders its
 share, and rank 0 assembles the grid: no rank idles in a collective while another renders all.
+Every rank renders the same number of images (a rank short of prompts renders a padding copy it
+then drops) and every rank gathers exactly once per validation: a sharded ControlNet (FSDP2,
+ZeRO-3) gathers its weights in every forward, so unequal work would be a collective mismatch.
+Every rank also remembers the step it validated, so the end of training skips (or repeats) the
+validation on all ranks alike.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ class ValidationCallback(AfterBatch):
         self.run_dir = run_dir
         self.config = config
         self.last_grid: Path | None = None
+        """The newest grid (on rank 0; the other ranks know its path but do not write it)."""
+        self.last_step: int | None = None
+        """The step of the newest validation, on every rank."""
         if len(config.prompts) != len(config.images):
             raise ValueError(
                 f"validation.prompts has {len(config.prompts)} entries but validation.images "
@@ -45,7 +53,7 @@ class ValidationCallback(AfterBatch):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.config.prompts and self.last_grid != self._grid_path(trainer.global_step):
+        if self.config.prompts and self.last_step != trainer.global_step:
             self.validate(trainer, pl_module)
 
     def _grid_path(self, step: int) -> Path:
@@ -54,7 +62,7 @@ class ValidationCallback(AfterBatch):
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         if not self.config.prompts or not isinstance(pl_module, ControlNetModule):
             return None
-        mine = list(range(trainer.global_rank, len(self.config.prompts), trainer.world_size))
+        mine = share(len(self.config.prompts), trainer.global_rank, trainer.world_size)
         controls = [Image.open(self.config.images[i]).convert("RGB") for i in mine]
         resolution = self.config.resolution or pl_module.family.default_resolution
         was_training = pl_module.controlnet.training
@@ -72,11 +80,13 @@ class ValidationCallback(AfterBatch):
                     resolution=resolution,
                     steps=self.config.num_inference_steps,
                     guidance_scale=self.config.guidance_scale,
-                    seed=self.config.seed,
+                    seeds=[self.config.seed + i for i in mine],
                 )
         finally:
             pl_module.controlnet.train(was_training)
-        rendered = _gather(list(zip(mine, [np.asarray(im) for im in images], strict=True)))
+        own = len(range(trainer.global_rank, len(self.config.prompts), trainer.world_size))
+        rendered = _gather([(i, np.asarray(im)) for i, im in zip(mine[:own], images, strict=False)])
+        self.last_step = trainer.global_step
         if not trainer.is_global_zero:
             return None
         by_index = dict(rendered)
@@ -91,6 +101,16 @@ class ValidationCallback(AfterBatch):
                 chw = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
                 logger.experiment.add_image("validation", chw, trainer.global_step)
         return path
+
+
+def share(count: int, rank: int, world: int) -> list[int]:
+    """Rank `rank`'s prompt indices (every world-size-th from `rank`), padded to ceil(count /
+    world) on every rank by repeating one of its own, or prompt 0 for a rank with none: the
+    padding is rendered, to keep the collectives in step, and dropped."""
+    own = list(range(rank, count, world))
+    per_rank = -(-count // world)
+    filler = own[-1] if own else 0
+    return own + [filler] * (per_rank - len(own))
 
 
 def _gather(items: list[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:

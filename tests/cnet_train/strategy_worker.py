@@ -1,0 +1,63 @@
+"""One rank of the strategy matrix (run by test_strategies.py, not collected by pytest).
+
+Usage: python strategy_worker.py CONFIG_YAML OUT_DIR [KILL_AT_STEP], with torchrun's environment
+variables set. Trains CONFIG (its strategy and devices as the YAML says) and writes what this
+rank did to OUT_DIR/rank-N.json. With KILL_AT_STEP, the process sends itself SIGKILL at the
+start of the batch after that optimizer step (its checkpoint, if due, is then on disk): the
+worker dies as a preempted or OOM-killed job would, in the middle of training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from typing_extensions import override
+
+from cnet_train.callbacks.base import AfterBatch
+from cnet_train.config_io import load_config
+from cnet_train.trainer import fit
+
+
+class Record(AfterBatch):
+    """The optimizer steps this rank took and the buckets of its batches."""
+
+    def __init__(self, kill_at: int | None) -> None:
+        self.kill_at = kill_at
+        self.steps: list[int] = []
+        self.buckets: list[int] = []
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.kill_at is not None and trainer.global_step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @override
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
+    ) -> None:
+        self.steps.append(trainer.global_step)
+        self.buckets.append(int(batch["bucket"][0]))
+
+
+def main(config_path: Path, out: Path, kill_at: int | None) -> None:
+    config = load_config(config_path)
+    if config.trainer.strategy == "deepspeed":
+        importlib.import_module("deepspeed_cpu")  # the test-only shim, beside this file
+    record = Record(kill_at)
+    trainer, _ = fit(config, enable_progress_bar=False, callbacks_extra=[record])
+    result = {"rank": trainer.global_rank, "steps": record.steps, "buckets": record.buckets}
+    (out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
