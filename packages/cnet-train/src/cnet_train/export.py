@@ -20,6 +20,9 @@ from cnet_models.facade import ControlNetModel, checked
 
 CONTROLNET_CONFIG_KEY = "cnet_controlnet_config"
 EMA_STATE_KEY = "EMACallback"
+DCP_METADATA = "meta.pt"
+"""The file Lightning writes beside a distributed checkpoint's shards: everything but the
+module and optimizer state."""
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -31,20 +34,50 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _load_folder(path: Path) -> dict[str, Any]:
+    if (path / "latest").exists() or any(path.glob("checkpoint/*optim_states.pt")):
+        return _load_deepspeed(path)
+    if (path / DCP_METADATA).is_file():
+        return _load_dcp(path)
+    raise ValueError(
+        f"checkpoint folder {path} is neither a DeepSpeed checkpoint (no 'latest') nor a "
+        f"distributed checkpoint (no {DCP_METADATA})"
+    )
+
+
+def _load_deepspeed(path: Path) -> dict[str, Any]:
+    """The fp32 weights consolidated from the ZeRO partitions, with the client state (config,
+    EMA). The module DeepSpeed trained holds only the ControlNet, so nothing frozen is read."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp) / "consolidated.pt"
-        if (path / "latest").exists() or any(path.glob("checkpoint/*optim_states.pt")):
-            from lightning.pytorch.utilities.deepspeed import (
-                convert_zero_checkpoint_to_fp32_state_dict,
-            )
-
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
-        else:
-            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-            dcp_to_torch_save(str(path), str(single))
+        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
         state = torch.load(single, map_location="cpu", weights_only=True)
     return checked(state, dict, f"checkpoint folder {path}")
+
+
+def _load_dcp(path: Path) -> dict[str, Any]:
+    """Lightning's metadata file (config, EMA, loop state) and the module's weights read from
+    the distributed checkpoint, in this one process; the optimizer state is not read."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    state = checked(
+        torch.load(path / DCP_METADATA, map_location="cpu", weights_only=True),
+        dict,
+        f"{path / DCP_METADATA}",
+    )
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    weights: dict[str, torch.Tensor] = {}
+    for key, meta in stored.items():
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+            weights[key.removeprefix(prefix)] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    target = {"state_dict": weights}
+    load(target, checkpoint_id=str(path), no_dist=True)
+    state["state_dict"] = target["state_dict"]
+    return state
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
