@@ -10,11 +10,22 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
-RunRanks = Callable[[Sequence[str], int], list[str]]
+
+class RunRanks(Protocol):
+    def __call__(
+        self,
+        argv: Sequence[str],
+        world: int,
+        timeout: float = ...,
+        env: dict[str, str] | None = ...,
+        succeed: bool = ...,
+    ) -> list[str]: ...
+
+
 RenderWithControlNet = Callable[[Path, Path], Any]
 
 
@@ -99,16 +110,25 @@ def imported_roots() -> Callable[[Path], set[str]]:
 
 @pytest.fixture
 def run_ranks() -> RunRanks:
-    """`run_ranks(argv, world)`: run `python *argv` as ranks 0..world-1 of a torch.distributed
-    job on loopback (torchrun's environment variables); returns each rank's output, and fails
-    the test with that output if a rank exits non-zero."""
+    """`run_ranks(argv, world, timeout=180, env=None, succeed=True)`: run `python *argv` as ranks
+    0..world-1 of a torch.distributed job on loopback (torchrun's environment variables, plus
+    `env`); returns each rank's output. With `succeed`, fails the test with that output if a rank
+    exits non-zero; without, if a rank exits zero (a run meant to die). A rank still running at
+    `timeout` is killed, with every other, and the test fails with their output."""
 
-    def run(argv: Sequence[str], world: int, timeout: float = 180) -> list[str]:
+    def run(
+        argv: Sequence[str],
+        world: int,
+        timeout: float = 180,
+        env: dict[str, str] | None = None,
+        succeed: bool = True,
+    ) -> list[str]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {
+        common = {
             **os.environ,
+            **(env or {}),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "WORLD_SIZE": str(world),
@@ -118,15 +138,24 @@ def run_ranks() -> RunRanks:
         procs = [
             subprocess.Popen(
                 [sys.executable, *argv],
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
             for rank in range(world)
         ]
-        outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+        try:
+            outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            left = [p.communicate()[0].decode()[-3000:] for p in procs]
+            pytest.fail(f"ranks still running after {timeout} s:\n" + "\n---\n".join(left))
         for rank, (p, output) in enumerate(zip(procs, outputs, strict=True)):
-            assert p.returncode == 0, f"rank {rank} failed:\n{output}"
+            if succeed:
+                assert p.returncode == 0, f"rank {rank} failed:\n{output}"
+            else:
+                assert p.returncode != 0, f"rank {rank} was meant to die but exited 0:\n{output}"
         return outputs
 
     return run

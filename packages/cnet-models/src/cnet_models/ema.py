@@ -16,7 +16,7 @@ Nothing here imports diffusers; the diffusers export lives in `ema_export`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -29,10 +29,19 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 from cnet_models.gather import is_zero3_partitioned
 
-__all__ = ["EMAConfig", "EMAStateError", "ExponentialMovingAverage", "ShadowDevice", "clean_name"]
+__all__ = [
+    "EMAConfig",
+    "EMAStateError",
+    "ExponentialMovingAverage",
+    "ShadowDevice",
+    "clean_name",
+    "merge_partition_states",
+]
 
 ShadowDevice = Literal["same", "cpu"]
 STATE_FORMAT = 1
+PARTITION_KEY = "partition"
+"""In a ZeRO-3 EMA state: which rank of how many wrote this part."""
 # Wrappers that prefix parameter names without changing the model: torch.compile, activation
 # checkpointing, FSDP1. Names are compared without them, so an EMA made from the bare model
 # also fits the wrapped one.
@@ -370,6 +379,19 @@ class ExponentialMovingAverage:
         }
         return self._state(full)
 
+    def is_partitioned(self) -> bool:
+        """Whether any averaged parameter is a DeepSpeed ZeRO-3 partition."""
+        return any(isinstance(layout, _Zero3Layout) for layout in self._layouts.values())
+
+    def partition_state_dict(self) -> dict[str, object]:
+        """This rank's own part of the state, for ZeRO-3 checkpoints, where every rank writes
+        its own file: the flat shadow partitions, and which of how many ranks holds them
+        (`merge_partition_states` puts the ranks' parts back together). A full state on every
+        rank would store the whole EMA once per rank."""
+        state = self._state({n: t.to("cpu", copy=True) for n, t in self.shadow().items()})
+        state[PARTITION_KEY] = {"rank": dist.get_rank(), "world": dist.get_world_size()}
+        return state
+
     def _state(self, shadow: dict[str, torch.Tensor]) -> dict[str, object]:
         # The config is recorded for inspection; loading keeps the current one (see load).
         return {
@@ -378,6 +400,26 @@ class ExponentialMovingAverage:
             "config": attrs.asdict(self.config),
             "shadow": shadow,
         }
+
+    def _own_partitions(
+        self, partition: object, shadow: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """This rank's partitions, as full tensors of their parameters' shapes (so that the
+        common checks apply), from a state `partition_state_dict` wrote on the same rank."""
+        rank, world = _check_partition(partition)
+        if not self.is_partitioned() or (rank, world) != (dist.get_rank(), dist.get_world_size()):
+            raise EMAStateError(
+                f"EMA state holds the ZeRO-3 partitions of rank {rank} of {world}; resume it with "
+                "the same number of ranks, or export it (cnet-train export merges the ranks)"
+            )
+        full = {}
+        for name, value in shadow.items():
+            layout = self._layouts.get(name)
+            if isinstance(layout, _Zero3Layout):
+                full[name] = _place_partition(value, layout, rank)
+            else:
+                full[name] = value
+        return full
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -388,6 +430,8 @@ class ExponentialMovingAverage:
         different recorded config is only warned about.
         """
         shadow, step = _checked_state(state)
+        if PARTITION_KEY in state:
+            shadow = self._own_partitions(state[PARTITION_KEY], shadow)
         mine = set(self._names)
         missing, unexpected = sorted(mine - set(shadow)), sorted(set(shadow) - mine)
         if missing or unexpected:
@@ -408,6 +452,40 @@ class ExponentialMovingAverage:
                 f"{attrs.asdict(self.config)}",
                 stacklevel=2,
             )
+
+
+def _place_partition(part: torch.Tensor, layout: _Zero3Layout, rank: int) -> torch.Tensor:
+    """A full-shape tensor holding `part` where rank `rank`'s partition lies (zeros elsewhere):
+    `_Zero3Layout.local_part` then takes exactly `part` back out."""
+    size = part.numel()
+    flat = part.new_zeros(size * (rank + 1) + layout.numel)
+    flat[rank * size : (rank + 1) * size] = part.reshape(-1)
+    return flat[: layout.numel].view(layout.shape)
+
+
+def _check_partition(partition: object) -> tuple[int, int]:
+    if not isinstance(partition, Mapping) or not {"rank", "world"} <= set(partition):
+        raise EMAStateError(f"EMA state {PARTITION_KEY} {partition!r} lacks 'rank' and 'world'")
+    return int(partition["rank"]), int(partition["world"])
+
+
+def merge_partition_states(
+    states: Sequence[Mapping[str, object]], shapes: Mapping[str, torch.Size]
+) -> dict[str, object]:
+    """One full EMA state from the `partition_state_dict` of every rank (in any order), for
+    parameters of the given full `shapes`; what `load_state_dict` of an unsharded EMA takes."""
+    by_rank = {_check_partition(s.get(PARTITION_KEY))[0]: s for s in states}
+    worlds = {_check_partition(s.get(PARTITION_KEY))[1] for s in states}
+    if len(worlds) != 1 or sorted(by_rank) != list(range(worlds.pop())):
+        raise EMAStateError(f"EMA partitions of ranks {sorted(by_rank)} do not make a whole")
+    parts = [_checked_state(by_rank[r])[0] for r in sorted(by_rank)]
+    full = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([part[name].reshape(-1) for part in parts])
+        full[name] = flat[: shape.numel()].view(shape).clone()
+    merged = {k: v for k, v in by_rank[0].items() if k != PARTITION_KEY}
+    merged["shadow"] = full
+    return merged
 
 
 def _local_of(

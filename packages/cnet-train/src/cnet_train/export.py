@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cnet_models.atomic import replace_dir_atomically
-from cnet_models.ema import ExponentialMovingAverage
+from cnet_models.ema import PARTITION_KEY, ExponentialMovingAverage, merge_partition_states
 from cnet_models.ema_export import export_ema_controlnet
 from cnet_models.facade import ControlNetModel, checked
 
@@ -52,8 +52,31 @@ def _load_deepspeed(path: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp) / "consolidated.pt"
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
-        state = torch.load(single, map_location="cpu", weights_only=True)
-    return checked(state, dict, f"checkpoint folder {path}")
+        state = checked(
+            torch.load(single, map_location="cpu", weights_only=True),
+            dict,
+            f"checkpoint folder {path}",
+        )
+    ema = state.get("callbacks", {}).get(EMA_STATE_KEY)
+    if isinstance(ema, dict) and PARTITION_KEY in ema:
+        state["callbacks"][EMA_STATE_KEY] = _merged_ema(path, state)
+    return state
+
+
+def _merged_ema(path: Path, state: dict[str, Any]) -> dict[str, object]:
+    """The full EMA of a ZeRO-3 checkpoint, whose every rank stored its own partitions."""
+    files = sorted((path / "checkpoint").glob("zero_pp_rank_*_model_states.pt"))
+    parts = [
+        torch.load(f, map_location="cpu", weights_only=True)["callbacks"][EMA_STATE_KEY]
+        for f in files
+    ]
+    shapes = {
+        k.removeprefix("controlnet."): v.shape
+        for k, v in state["state_dict"].items()
+        if k.startswith("controlnet.")
+    }
+    ema_names = set(parts[0]["shadow"])
+    return merge_partition_states(parts, {k: s for k, s in shapes.items() if k in ema_names})
 
 
 def _load_dcp(path: Path) -> dict[str, Any]:

@@ -41,7 +41,12 @@ class EMACallback(AfterBatch):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.ema is None else self.ema.full_state_dict()
+        if self.ema is None:
+            return {}
+        # Under ZeRO-3 every rank writes its own checkpoint file: each stores its own part.
+        if self.ema.is_partitioned():
+            return self.ema.partition_state_dict()
+        return self.ema.full_state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
