@@ -34,6 +34,14 @@ def _editable(*packages: str) -> list[str]:
     return [arg for package in packages for arg in ("-e", package)]
 
 
+def _install_deepspeed(session: nox.Session) -> None:
+    """DeepSpeed for the strategy tests: no CUDA ops built, and built against the torch already
+    installed (build isolation would pull another torch into the build environment)."""
+    build_tools = [d for d in _group("deepspeed") if not d.startswith("deepspeed")]
+    session.install(*build_tools)
+    session.install("--no-build-isolation", *_group("deepspeed"), env={"DS_BUILD_OPS": "0"})
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint rules and formatting."""
@@ -51,8 +59,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite (GPU-marked tests skip without CUDA)."""
+    """The whole test suite (GPU-marked tests skip without CUDA), DeepSpeed's included."""
     session.install(TORCH, *_editable(*PACKAGES), *_group("test"))
+    _install_deepspeed(session)
     session.run("pytest", *session.posargs)
 
 
@@ -120,4 +129,8 @@ def dev(session: nox.Session) -> None:
     pip = str(venv / "bin" / "pip")
     session.run(pip, "install", "--upgrade", "pip")
     session.run(pip, "install", TORCH, *_editable(*PACKAGES), *_group("dev"))
+    session.run(pip, "install", *[d for d in _group("deepspeed") if not d.startswith("deepspeed")])
+    session.run(
+        pip, "install", "--no-build-isolation", *_group("deepspeed"), env={"DS_BUILD_OPS": "0"}
+    )
     session.log(f"ready: activate with `source {venv}/bin/activate`")

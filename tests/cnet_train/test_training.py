@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import lightning as L
 import pytest
 import torch
+from typing_extensions import override
 
 from cnet_data.captions import caption_key_hex
 from cnet_data.embcache import CacheMismatchError
 from cnet_data.sources import SourceConfig
 from cnet_data.synthetic import write_fill_dataset
 from cnet_models.facade import ControlNetModel
+from cnet_train.callbacks.base import AfterBatch
 from cnet_train.config import CacheConfig, TrainConfig, ValidationConfig
 from cnet_train.data import ControlNetDataModule
 from cnet_train.embed import embed_captions
@@ -146,3 +149,21 @@ def test_compile_flag_compiles_in_place(make_config: MakeConfig) -> None:
     assert module.controlnet.mid_block._compiled_call_impl is not None
     assert module.unet.down_blocks[0]._compiled_call_impl is not None
     assert list(module.controlnet.state_dict()) == names  # checkpoints keep their keys
+
+
+@pytest.mark.slow
+def test_compiled_training_survives_bucket_changes(make_config: MakeConfig) -> None:
+    config = make_config("sd15", steps=6, trainer_compile=True, validation=ValidationConfig())
+    shapes: list[tuple[int, ...]] = []
+
+    class Shapes(AfterBatch):
+        @override
+        def after_batch(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
+        ) -> None:
+            shapes.append(tuple(batch["image"].shape))
+
+    trainer, _ = fit(config, callbacks_extra=[Shapes()], **QUIET)
+    assert trainer.global_step == 6
+    assert len(set(shapes)) == 3  # three bucket shapes, each met twice
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
+from cnet_data.buckets import BucketTable
 from cnet_data.captions import caption_key_hex
 from cnet_data.embcache import EmbeddingCache
 from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet, sdxl_time_ids
@@ -106,14 +107,22 @@ class ControlNetModule(L.LightningModule):
 
     def _compile_blocks(self) -> None:
         """Regional compilation: each down, mid and up block of the UNet and ControlNet compiles
-        on its own, in place (parameter names, hence checkpoints and exports, do not change),
-        with dynamic shapes, so that a change of bucket reuses the graph instead of crashing or
-        recompiling the whole model."""
+        on its own, in place (parameter names, hence checkpoints and exports, do not change).
+
+        Static shapes, one graph per bucket shape: Inductor's dynamic-shape lowering of these
+        blocks fails ("cannot determine truth value of Relational") at the first change of
+        bucket. The recompile limit is raised to the number of buckets so that every bucket
+        keeps its compiled graph instead of falling back to eager after the default eight.
+        """
+        import torch._dynamo.config as dynamo_config
+
+        buckets = len(BucketTable.from_config(self.config.data.buckets))
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, buckets)
         unet, controlnet = self.unet, self.controlnet
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            block.compile(dynamic=True)
+            block.compile(dynamic=False)
         for block in [*controlnet.down_blocks, controlnet.mid_block]:
-            block.compile(dynamic=True)
+            block.compile(dynamic=False)
 
     def _shard_for_fsdp2(self) -> None:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer.strategy: fsdp)
