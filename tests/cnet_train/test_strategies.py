@@ -60,7 +60,13 @@ class RunRanks(Protocol):
     ) -> list[str]: ...
 
 
-def _config(root: Path, strategy: StrategyName, stage: Literal[2, 3], family: str) -> TrainConfig:
+def _config(
+    root: Path,
+    strategy: StrategyName,
+    stage: Literal[2, 3],
+    family: str,
+    accelerator: Literal["cpu", "gpu"],
+) -> TrainConfig:
     config = demo_config(root / "demo", family, steps=STEPS, samples=24)  # type: ignore[arg-type]
     validation = config.validation
     return attrs.evolve(
@@ -77,6 +83,7 @@ def _config(root: Path, strategy: StrategyName, stage: Literal[2, 3], family: st
             config.trainer,
             strategy=strategy,
             deepspeed_stage=stage,
+            accelerator=accelerator,
             devices=2,
             precision="bf16-mixed",
         ),
@@ -90,7 +97,8 @@ def _launch(
     path = out / "run.yaml"
     path.write_text(dump_config(config))
     argv = [str(WORKER), str(path), str(out), *([] if kill_at is None else [str(kill_at)])]
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    on_cpu = config.trainer.accelerator == "cpu"
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} if on_cpu else {}
     run_ranks(argv, 2, timeout=300, env=env, succeed=kill_at is None)
     if kill_at is not None:
         return []
@@ -161,11 +169,29 @@ def _by_prefix(keys: list[str]) -> dict[str, int]:
 def test_strategy_end_to_end(
     case: str, tmp_path: Path, run_ranks: RunRanks, render_with_controlnet: Any
 ) -> None:
+    _end_to_end(case, "cpu", tmp_path, run_ranks, render_with_controlnet)
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("sd15")])
+def test_strategy_end_to_end_on_two_gpus(
+    case: str, tmp_path: Path, run_ranks: RunRanks, render_with_controlnet: Any
+) -> None:
+    """The CPU matrix's twin with what CPU cannot show: NCCL collectives, DeepSpeed without the
+    test shim (as Lightning ships it) and CUDA kernels under bf16 autocast."""
+    _end_to_end(case, "gpu", tmp_path, run_ranks, render_with_controlnet)
+
+
+def _end_to_end(
+    case: str, accelerator: Literal["cpu", "gpu"], tmp_path: Path, run_ranks: RunRanks, render: Any
+) -> None:
     strategy, stage, family = CASES[case]
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed", reason="nox -s tests installs it (DS_BUILD_OPS=0)")
-    straight = _config(tmp_path / "straight", strategy, stage, family)
-    interrupted = _config(tmp_path / "interrupted", strategy, stage, family)
+    straight = _config(tmp_path / "straight", strategy, stage, family, accelerator)
+    interrupted = _config(tmp_path / "interrupted", strategy, stage, family, accelerator)
 
     ranks = _launch(run_ranks, straight, tmp_path / "straight")
     assert [r["steps"] for r in ranks] == [list(range(1, STEPS + 1))] * 2
@@ -192,7 +218,7 @@ def test_strategy_end_to_end(
     model = Path(straight.model.source)
     export = interrupted.run_dir / "exports" / step
     for kind in ("controlnet", "controlnet_ema"):
-        render_with_controlnet(model, export / kind)
+        render(model, export / kind)
 
     keys = checkpoint_tensor_keys(checkpoint)
     frozen = [k for k in keys if FROZEN.search(k)]
