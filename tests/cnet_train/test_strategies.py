@@ -134,12 +134,13 @@ def checkpoint_tensor_keys(checkpoint: Path) -> list[str]:
         meta = torch.load(checkpoint / "meta.pt", weights_only=True)
         return stored + [f"meta.{k}" for k, _ in _tensors(meta)]
     # A DeepSpeed folder: model states (module, client state) and optimizer shards, which
-    # pickle two DeepSpeed classes beside the tensors.
+    # pickle three DeepSpeed classes beside the tensors.
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     keys = []
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         for file in sorted((checkpoint / "checkpoint").glob("*.pt")):
             state = torch.load(file, weights_only=True)
             keys += [f"{file.stem}.{k}" for k, _ in _tensors(state)]
