@@ -14,24 +14,47 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from typing_extensions import override
 
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.config_io import load_config
+from cnet_train.module import ControlNetModule
 from cnet_train.trainer import fit
 
 
 class Record(AfterBatch):
-    """The optimizer steps this rank took and the buckets of its batches."""
+    """The optimizer steps this rank took, the buckets of its batches, and the dtypes its
+    convolutions computed in."""
 
     def __init__(self, kill_at: int | None) -> None:
         self.kill_at = kill_at
         self.steps: list[int] = []
         self.buckets: list[int] = []
+        self.conv_dtypes: dict[str, set[str]] = {"vae": set(), "controlnet": set()}
+        """The output dtypes of the VAE's and the ControlNet's convolutions in training
+        forwards (batch start to backward: validation renders are not counted)."""
+        self.recording = False
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, ControlNetModule)
+        for part, module in (("vae", pl_module.vae), ("controlnet", pl_module.controlnet)):
+            for conv in module.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    conv.register_forward_hook(self._hook(part))
+
+    def _hook(self, part: str) -> Callable[[torch.nn.Module, Any, torch.Tensor], None]:
+        def record(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            if self.recording:
+                self.conv_dtypes[part].add(str(output.dtype).removeprefix("torch."))
+
+        return record
 
     @override
     def on_train_batch_start(
@@ -39,6 +62,13 @@ class Record(AfterBatch):
     ) -> None:
         if self.kill_at is not None and trainer.global_step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        self.recording = True
+
+    @override
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self.recording = False
 
     @override
     def after_batch(
@@ -54,7 +84,12 @@ def main(config_path: Path, out: Path, kill_at: int | None) -> None:
         importlib.import_module("deepspeed_cpu")  # the test-only shim, beside this file
     record = Record(kill_at)
     trainer, _ = fit(config, enable_progress_bar=False, callbacks_extra=[record])
-    result = {"rank": trainer.global_rank, "steps": record.steps, "buckets": record.buckets}
+    result = {
+        "rank": trainer.global_rank,
+        "steps": record.steps,
+        "buckets": record.buckets,
+        "conv_dtypes": {part: sorted(seen) for part, seen in record.conv_dtypes.items()},
+    }
     (out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

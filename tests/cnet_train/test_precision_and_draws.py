@@ -36,11 +36,12 @@ def _record_output_dtypes(modules: Sequence[torch.nn.Module]) -> list[torch.dtyp
     return seen
 
 
+@pytest.mark.parametrize("outer", [True, False], ids=["lightning-autocast", "deepspeed"])
 @pytest.mark.parametrize(
     ("half", "frozen"), [(torch.float16, "float16"), (torch.bfloat16, "float32")]
 )
 def test_float32_vae_computes_in_float32_under_autocast(
-    make_config: MakeConfig, half: torch.dtype, frozen: DTypeName
+    make_config: MakeConfig, half: torch.dtype, frozen: DTypeName, outer: bool
 ) -> None:
     precision = "16-mixed" if half == torch.float16 else "bf16-mixed"
     config = make_config("sdxl", trainer_precision=precision)
@@ -52,9 +53,9 @@ def test_float32_vae_computes_in_float32_under_autocast(
     controlnet_convs = [m for m in module.controlnet.modules() if isinstance(m, torch.nn.Conv2d)]
     vae_seen, controlnet_seen = (_record_output_dtypes(m) for m in (vae_convs, controlnet_convs))
     batch = _first_batch(config)
-    # What Lightning's mixed-precision plugin wraps the training step in (DeepSpeed gets none;
-    # the module's own autocast then applies, which this block nests around).
-    with torch.autocast("cpu", dtype=half):
+    # Lightning's mixed-precision plugin wraps the training step in autocast; under DeepSpeed
+    # it does not (cnet hands it float32), and only the module's own autocast applies.
+    with torch.autocast("cpu", dtype=half, enabled=outer):
         loss = module.loss(batch, step=0)
     assert torch.isfinite(loss)
     assert vae_seen and set(vae_seen) == {torch.float32}

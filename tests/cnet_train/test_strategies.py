@@ -197,6 +197,8 @@ def _end_to_end(
     ranks = _launch(run_ranks, straight, tmp_path / "straight")
     assert [r["steps"] for r in ranks] == [list(range(1, STEPS + 1))] * 2
     assert ranks[0]["buckets"] == ranks[1]["buckets"]  # every step, one bucket on both ranks
+    for rank in ranks:  # autocast on for the ControlNet, off for the float32 VAE, everywhere
+        assert rank["conv_dtypes"] == {"vae": ["float32"], "controlnet": ["bfloat16"]}
 
     _launch(run_ranks, interrupted, tmp_path / "interrupted", kill_at=CHECKPOINT_AT)
     checkpoint = interrupted.run_dir / "checkpoints" / f"step-{CHECKPOINT_AT:08d}.ckpt"
