@@ -227,9 +227,9 @@ def _end_to_end(
     frozen = [k for k in keys if FROZEN.search(k)]
     assert not frozen, f"frozen weights in the checkpoint: {frozen[:5]}"
     controlnet_bytes = sum(t.numel() * 4 for t in got["controlnet"].values())
-    # Resume needs the fp32 ControlNet, Adam's two moments and the EMA; DeepSpeed's optimizer
-    # also keeps its own fp32 copy of the weights (its partitions), which it restores from.
-    copies = 5 if strategy == "deepspeed" else 4
+    # Resume needs the fp32 ControlNet (under DeepSpeed: its optimizer's fp32 master, from which
+    # the weights are rebuilt), Adam's two moments and the EMA.
+    copies = 4
     budget = 1.1 * copies * controlnet_bytes + CONTAINER_BYTES_PER_TENSOR * len(keys)
     size = _bytes_on_disk(checkpoint)
     assert size <= budget, f"checkpoint {size} bytes, budget {budget:.0f}"
