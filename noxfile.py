@@ -34,12 +34,16 @@ def _editable(*packages: str) -> list[str]:
     return [arg for package in packages for arg in ("-e", package)]
 
 
-def _install_deepspeed(session: nox.Session) -> None:
-    """DeepSpeed for the strategy tests: no CUDA ops built, and built against the torch already
-    installed (build isolation would pull another torch into the build environment)."""
-    build_tools = [d for d in _group("deepspeed") if not d.startswith("deepspeed")]
-    session.install(*build_tools)
-    session.install("--no-build-isolation", *_group("deepspeed"), env={"DS_BUILD_OPS": "0"})
+def _deepspeed_installs() -> list[list[str]]:
+    """pip install arguments for DeepSpeed, in order: its build tools, then DeepSpeed with no
+    CUDA ops built, against the torch already installed (build isolation would pull another
+    torch into the build environment). Run with DS_BUILD_OPS=0."""
+    group = _group("deepspeed")
+    build_tools = [d for d in group if not d.startswith("deepspeed")]
+    return [build_tools, ["--no-build-isolation", *group]]
+
+
+NO_DEEPSPEED_OPS = {"DS_BUILD_OPS": "0"}
 
 
 @nox.session
@@ -61,7 +65,8 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The whole test suite (GPU-marked tests skip without CUDA), DeepSpeed's included."""
     session.install(TORCH, *_editable(*PACKAGES), *_group("test"))
-    _install_deepspeed(session)
+    for args in _deepspeed_installs():
+        session.install(*args, env=NO_DEEPSPEED_OPS)
     session.run("pytest", *session.posargs)
 
 
@@ -129,8 +134,6 @@ def dev(session: nox.Session) -> None:
     pip = str(venv / "bin" / "pip")
     session.run(pip, "install", "--upgrade", "pip")
     session.run(pip, "install", TORCH, *_editable(*PACKAGES), *_group("dev"))
-    session.run(pip, "install", *[d for d in _group("deepspeed") if not d.startswith("deepspeed")])
-    session.run(
-        pip, "install", "--no-build-isolation", *_group("deepspeed"), env={"DS_BUILD_OPS": "0"}
-    )
+    for args in _deepspeed_installs():
+        session.run(pip, "install", *args, env=NO_DEEPSPEED_OPS)
     session.log(f"ready: activate with `source {venv}/bin/activate`")

@@ -401,25 +401,14 @@ class ExponentialMovingAverage:
             "shadow": shadow,
         }
 
-    def _own_partitions(
-        self, partition: object, shadow: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """This rank's partitions, as full tensors of their parameters' shapes (so that the
-        common checks apply), from a state `partition_state_dict` wrote on the same rank."""
+    def _check_own_partition(self, partition: object) -> None:
+        """A state `partition_state_dict` wrote must come from this rank of this world."""
         rank, world = _check_partition(partition)
         if not self.is_partitioned() or (rank, world) != (dist.get_rank(), dist.get_world_size()):
             raise EMAStateError(
                 f"EMA state holds the ZeRO-3 partitions of rank {rank} of {world}; resume it with "
                 "the same number of ranks, or export it (cnet-train export merges the ranks)"
             )
-        full = {}
-        for name, value in shadow.items():
-            layout = self._layouts.get(name)
-            if isinstance(layout, _Zero3Layout):
-                full[name] = _place_partition(value, layout, rank)
-            else:
-                full[name] = value
-        return full
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -430,8 +419,9 @@ class ExponentialMovingAverage:
         different recorded config is only warned about.
         """
         shadow, step = _checked_state(state)
-        if PARTITION_KEY in state:
-            shadow = self._own_partitions(state[PARTITION_KEY], shadow)
+        own_partitions = PARTITION_KEY in state
+        if own_partitions:
+            self._check_own_partition(state[PARTITION_KEY])
         mine = set(self._names)
         missing, unexpected = sorted(mine - set(shadow)), sorted(set(shadow) - mine)
         if missing or unexpected:
@@ -440,7 +430,9 @@ class ExponentialMovingAverage:
                 f"unexpected {unexpected[:5]}"
             )
         locals_ = [
-            _local_of(name, shadow[name], self._layouts[name], current)
+            _own_part(name, shadow[name], current)
+            if own_partitions
+            else _local_of(name, shadow[name], self._layouts[name], current)
             for name, current in zip(self._names, self._shadow, strict=True)
         ]
         for target, value in zip(self._shadow, locals_, strict=True):
@@ -454,15 +446,6 @@ class ExponentialMovingAverage:
             )
 
 
-def _place_partition(part: torch.Tensor, layout: _Zero3Layout, rank: int) -> torch.Tensor:
-    """A full-shape tensor holding `part` where rank `rank`'s partition lies (zeros elsewhere):
-    `_Zero3Layout.local_part` then takes exactly `part` back out."""
-    size = part.numel()
-    flat = part.new_zeros(size * (rank + 1) + layout.numel)
-    flat[rank * size : (rank + 1) * size] = part.reshape(-1)
-    return flat[: layout.numel].view(layout.shape)
-
-
 def _check_partition(partition: object) -> tuple[int, int]:
     if not isinstance(partition, Mapping) or not {"rank", "world"} <= set(partition):
         raise EMAStateError(f"EMA state {PARTITION_KEY} {partition!r} lacks 'rank' and 'world'")
@@ -474,8 +457,9 @@ def merge_partition_states(
 ) -> dict[str, object]:
     """One full EMA state from the `partition_state_dict` of every rank (in any order), for
     parameters of the given full `shapes`; what `load_state_dict` of an unsharded EMA takes."""
-    by_rank = {_check_partition(s.get(PARTITION_KEY))[0]: s for s in states}
-    worlds = {_check_partition(s.get(PARTITION_KEY))[1] for s in states}
+    ranks = [_check_partition(s.get(PARTITION_KEY)) for s in states]
+    by_rank = {rank: s for (rank, _), s in zip(ranks, states, strict=True)}
+    worlds = {world for _, world in ranks}
     if len(worlds) != 1 or sorted(by_rank) != list(range(worlds.pop())):
         raise EMAStateError(f"EMA partitions of ranks {sorted(by_rank)} do not make a whole")
     parts = [_checked_state(by_rank[r])[0] for r in sorted(by_rank)]
@@ -502,6 +486,20 @@ def _local_of(
         local = layout.local_part(value)
     else:
         local = value.full_tensor() if isinstance(value, DTensor) else value
+    return _finite(name, local)
+
+
+def _own_part(name: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The saved local part of parameter `name` from this rank's own partition state."""
+    if value.shape != current.shape:
+        raise EMAStateError(
+            f"EMA state partition for parameter {name!r} has shape {tuple(value.shape)}, "
+            f"this rank's is {tuple(current.shape)}"
+        )
+    return _finite(name, value)
+
+
+def _finite(name: str, local: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(local).all()):
         raise EMAStateError(f"EMA state for parameter {name!r} holds inf or NaN")
     return local

@@ -176,10 +176,11 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     """Clip the gradient norm to this; None: no clipping."""
     compile: bool = False
-    """`torch.compile` the repeated blocks of the frozen UNet and the ControlNet (regional
-    compilation, shapes marked dynamic): each block compiles once, with a shape-generic graph
-    that the buckets' changing sizes reuse. It costs a compile at the first step (tens of
-    seconds for SDXL on a GPU) and at most a few more for new shapes; it pays off on long runs."""
+    """`torch.compile` the down, mid and up blocks of the frozen UNet and the ControlNet, each on
+    its own (regional compilation), with static shapes: every bucket shape compiles its own
+    graphs the first time a batch of it arrives (the recompile limit is raised to the number of
+    buckets), and reuses them after. The cost is one compile per bucket shape early in the run
+    (seconds per shape on the tiny models, longer for SDXL); it pays off on long runs."""
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
 
     def __attrs_post_init__(self) -> None:

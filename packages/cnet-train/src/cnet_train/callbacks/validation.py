@@ -62,7 +62,9 @@ class ValidationCallback(AfterBatch):
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         if not self.config.prompts or not isinstance(pl_module, ControlNetModule):
             return None
-        mine = share(len(self.config.prompts), trainer.global_rank, trainer.world_size)
+        count, rank, world = len(self.config.prompts), trainer.global_rank, trainer.world_size
+        own = list(range(rank, count, world))  # every world-size-th prompt
+        mine = padded(own, -(-count // world))
         controls = [Image.open(self.config.images[i]).convert("RGB") for i in mine]
         resolution = self.config.resolution or pl_module.family.default_resolution
         was_training = pl_module.controlnet.training
@@ -84,8 +86,7 @@ class ValidationCallback(AfterBatch):
                 )
         finally:
             pl_module.controlnet.train(was_training)
-        own = len(range(trainer.global_rank, len(self.config.prompts), trainer.world_size))
-        rendered = _gather([(i, np.asarray(im)) for i, im in zip(mine[:own], images, strict=False)])
+        rendered = _gather([(i, np.asarray(im)) for i, im in zip(own, images, strict=False)])
         self.last_step = trainer.global_step
         if not trainer.is_global_zero:
             return None
@@ -103,14 +104,11 @@ class ValidationCallback(AfterBatch):
         return path
 
 
-def share(count: int, rank: int, world: int) -> list[int]:
-    """Rank `rank`'s prompt indices (every world-size-th from `rank`), padded to ceil(count /
-    world) on every rank by repeating one of its own, or prompt 0 for a rank with none: the
-    padding is rendered, to keep the collectives in step, and dropped."""
-    own = list(range(rank, count, world))
-    per_rank = -(-count // world)
-    filler = own[-1] if own else 0
-    return own + [filler] * (per_rank - len(own))
+def padded(own: list[int], per_rank: int) -> list[int]:
+    """A rank's prompt indices padded to `per_rank` (the same on every rank) by repeating its
+    last one, or prompt 0 for a rank with none: the padding is rendered, to keep the
+    collectives in step, and dropped."""
+    return own + [own[-1] if own else 0] * (per_rank - len(own))
 
 
 def _gather(items: list[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
