@@ -101,9 +101,74 @@ def test_check_exit_codes(
 
 def test_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(tmp_path / "missing.jsonl"), "--quiet"]) == 2
-    assert "missing.jsonl does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("cnet-data check: error: dataset source") and "missing.jsonl" in err[0]
+    assert err[1].startswith("cnet-data check: hint: give the path of a JSONL manifest")
     assert main(["buckets", str(tmp_path)]) == 2
-    assert "no index.json" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert "no index.json" in err[0] and "cnet-data index SOURCE --out DIR" in err[1]
+
+
+def test_bad_samples_end_in_one_error_line_and_a_hint(
+    tmp_path: Path, bad_corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["index", str(bad_corpus), "--out", str(tmp_path / "i"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"report: {tmp_path / 'i.report.json'}"
+    assert err[1].startswith("cnet-data index: error: 11 bad sample(s)")
+    assert err[2].startswith("cnet-data index: hint:") and "--on-bad skip" in err[2]
+    assert "Traceback" not in "\n".join(err)
+
+
+def _break_index_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(self: DatasetIndex, directory: Path, *, root: Path | None = None) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DatasetIndex, "__init__", boom)
+
+
+def test_an_unexpected_error_is_one_line_without_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _break_index_loading(monkeypatch)
+    assert main(["buckets", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 2 and captured.out == ""
+    assert err[0].startswith("cnet-data buckets: error: unexpected RuntimeError: boom at ")
+    assert err[1] == (
+        "cnet-data buckets: hint: rerun with --debug for the traceback, and report it if the "
+        "input looks right"
+    )
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_prints_the_traceback_too(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    _break_index_loading(monkeypatch)
+    argv = ["buckets", str(tmp_path)]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)")
+    assert 'raise RuntimeError("boom")' in err
+    assert "cnet-data buckets: error: unexpected RuntimeError: boom" in err
+
+
+def test_ctrl_c_is_reported_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupt(self: DatasetIndex, directory: Path, *, root: Path | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetIndex, "__init__", interrupt)
+    assert main(["buckets", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "cnet-data buckets: interrupted\n"
 
 
 def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from cnet_data import scan as scan_module
+from cnet_data.errors import CnetError
 from cnet_data.index import DatasetIndex
 from cnet_data.scan import BadSamplesError, ScanConfig, scan
-from cnet_data.sources import SourceConfig, inside_root
+from cnet_data.sources import SourceConfig, SourceError, inside_root
 from cnet_data.synthetic import write_fill_dataset
 
 # What scanning the corpus must report, exactly.
@@ -78,7 +79,9 @@ def test_decode_verification_catches_what_headers_cannot(tmp_path: Path) -> None
     Image.new("RGB", (32, 32)).save(root / "c.png")
     manifest = root / "m.jsonl"
     manifest.write_text(
-        json.dumps({"image": "cut.bmp", "conditioning_image": "c.png", "text": "x"}) + "\n"
+        json.dumps({"image": "cut.bmp", "conditioning_image": "c.png", "text": "x"})
+        + "\n"
+        + json.dumps({"image": "a.bmp", "conditioning_image": "c.png", "text": "whole"})
     )
     for verify in ("header", "decode"):
         _, report = scan(
@@ -157,11 +160,24 @@ def test_paths_cannot_leave_the_root(tmp_path: Path) -> None:
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
         scan(SourceConfig(tmp_path / "nope.jsonl"), progress=False)
+    assert isinstance(info.value, CnetError) and info.value.hint
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="images/"):
         scan(SourceConfig(tmp_path / "empty_dir"), progress=False)
+    with pytest.raises(SourceError, match="is a folder"):
+        scan(SourceConfig(tmp_path / "empty_dir", format="jsonl"), progress=False)
+
+
+def test_cnet_data_errors_keep_their_old_bases(bad_corpus: Path, tmp_path: Path) -> None:
+    # Callers catching ValueError (bad input) keep working; run_reporting sees a CnetError.
+    with pytest.raises(ValueError, match="bad sample") as info:
+        scan(SourceConfig(bad_corpus), ScanConfig(workers=1), progress=False)
+    assert isinstance(info.value, CnetError) and "--on-bad skip" in info.value.hint
+    with pytest.raises(ValueError, match="not a dataset index") as bad_index:
+        DatasetIndex(tmp_path)
+    assert isinstance(bad_index.value, CnetError) and bad_index.value.exit_code == 2
 
 
 def test_index_sizes_follow_headers(tmp_path: Path) -> None:

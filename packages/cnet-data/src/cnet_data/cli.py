@@ -1,7 +1,9 @@
 """The `cnet-data` console script: index, buckets, check and demo.
 
-Only argparse is imported at module level: `cnet-data --help` answers without loading torch,
-numpy or Pillow. Each command imports what it needs when it runs.
+Only argparse (and the light error module) is imported at module level: `cnet-data --help`
+answers without loading torch, numpy or Pillow. Each command imports what it needs when it runs.
+Every failure goes through `cnet_data.errors.run_reporting`: one `cnet-data COMMAND: error: ...`
+line and a hint, the traceback only with `--debug`.
 """
 
 from __future__ import annotations
@@ -12,20 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cnet_data.errors import run_reporting
+
 if TYPE_CHECKING:
     from cnet_data.index import IndexBuilder
     from cnet_data.scan import BadSamplesError, ScanReport
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
+    args = _parser().parse_args(argv)
+
+    def run() -> int:
         code: int = args.run(args)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"cnet-data {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return code
+        return code
+
+    return run_reporting(f"cnet-data {args.command}", run, debug=args.debug)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="cnet-data",
         description="Index, check and inspect ControlNet training datasets.",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", help="scan a source, validate it, write the index")
@@ -41,24 +45,36 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--report", type=Path, help="bad-sample report (JSON); default: OUT.report.json"
     )
+    _add_debug_arg(index)
     index.set_defaults(run=_run_index)
 
     check = commands.add_parser("check", help="validate a source only; JSON report")
     _add_source_args(check)
     check.add_argument("--report", type=Path, help="write the report here instead of stdout")
+    _add_debug_arg(check)
     check.set_defaults(run=_run_check)
 
     buckets = commands.add_parser("buckets", help="bucket table and histogram of an index")
     buckets.add_argument("index", type=Path, help="index directory")
     _add_bucket_args(buckets)
     buckets.add_argument("--png", type=Path, help="write a histogram PNG here")
+    _add_debug_arg(buckets)
     buckets.set_defaults(run=_run_buckets)
 
     demo = commands.add_parser("demo", help="generate a small dataset, index it, draw batches")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output directory")
     demo.add_argument("--samples", type=int, default=48, help="samples to generate")
+    _add_debug_arg(demo)
     demo.set_defaults(run=_run_demo)
     return parser
+
+
+_DEBUG_HELP = "print the traceback of an error, not just its message"
+
+
+def _add_debug_arg(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given after the command it sets the flag; absent, the global default stands.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -128,17 +144,28 @@ def _scan_from_args(
 def _run_index(args: argparse.Namespace) -> int:
     from cnet_data.scan import BadSamplesError
 
-    outcome = _scan_from_args(args)
     report_path = args.report or args.out.with_name(args.out.name + ".report.json")
+    _claim_outputs(args.out, report_path)
+    outcome = _scan_from_args(args)
     if isinstance(outcome, BadSamplesError):
         outcome.report.write(report_path)
-        print(f"cnet-data index: {outcome}\nreport: {report_path}", file=sys.stderr)
-        return 1
+        print(f"report: {report_path}", file=sys.stderr)
+        raise outcome
     builder, report = outcome
     builder.write(args.out, root=_root_of(args), extra={"scan": report.totals()})
     report.write(report_path)
     print(f"{report.summary()}\nindex: {args.out}\nreport: {report_path}")
     return 0
+
+
+def _claim_outputs(index: Path, report: Path) -> None:
+    """Refuse a bad --out or --report before a scan that may take hours, not after it."""
+    from cnet_data.index import INDEX_OWNERSHIP
+    from cnet_data.outdir import claim_directory
+    from cnet_data.scan import ScanReport
+
+    claim_directory(index, INDEX_OWNERSHIP)
+    ScanReport.claim(report)
 
 
 def _root_of(args: argparse.Namespace) -> Path:
@@ -153,14 +180,15 @@ def _run_check(args: argparse.Namespace) -> int:
     from cnet_data.scan import BadSamplesError
 
     outcome = _scan_from_args(args)
-    failed = isinstance(outcome, BadSamplesError)
     report = outcome.report if isinstance(outcome, BadSamplesError) else outcome[1]
     if args.report:
         report.write(args.report)
         print(report.summary(), file=sys.stderr)
     else:
         print(json.dumps(report.to_json(), indent=2))
-    return 1 if failed else 0
+    if isinstance(outcome, BadSamplesError):
+        raise outcome  # reported as one line and a hint, exit 1, after the report is out
+    return 0
 
 
 def _run_buckets(args: argparse.Namespace) -> int:

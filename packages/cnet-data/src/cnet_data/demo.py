@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,17 +14,21 @@ from cnet_data.bucket_report import bucket_rows, format_table, write_histogram
 from cnet_data.buckets import BucketConfig, BucketTable
 from cnet_data.dataset import AugmentConfig, ControlNetDataset
 from cnet_data.index import DatasetIndex
+from cnet_data.outdir import OutputPathError
 from cnet_data.sampler import BucketBatchSampler
 from cnet_data.scan import ScanConfig, scan
 from cnet_data.sources import SourceConfig
 from cnet_data.synthetic import write_fill_dataset
 
 DEMO_BUCKETS = BucketConfig(area=64 * 64, min_side=32, max_side=128, step=16)
+DEMO_ENTRIES = frozenset({"dataset", "index", "index.report.json", "buckets.png", "batch.png"})
+"""What a demo folder holds: a rerun may overwrite these, and only into a folder of them."""
 
 
 def run_demo(out: Path, *, samples: int = 48, batch_size: int = 4) -> None:
     """Generate, index, bucket and batch a small fill dataset; print where everything is."""
     out = Path(out)
+    _check_demo_folder(out)
     manifest = write_fill_dataset(out / "dataset", samples)
     builder, report = scan(SourceConfig(manifest), ScanConfig(workers=1), progress=False)
     builder.write(out / "index", root=manifest.parent, extra={"scan": report.totals()})
@@ -50,6 +55,25 @@ def run_demo(out: Path, *, samples: int = 48, batch_size: int = 4) -> None:
     )
     _write_preview(batch["image"], batch["conditioning_image"], out / "batch.png")
     print(f"index: {out / 'index'}\nhistogram: {out / 'buckets.png'}\npreview: {out / 'batch.png'}")
+
+
+def _check_demo_folder(out: Path) -> None:
+    """Refuse an existing folder that is not an earlier demo: the demo overwrites its files."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputPathError(f"{out} is not a folder; the demo writes a folder there")
+    if not out.exists():
+        return
+    foreign = sorted(
+        name
+        for name in os.listdir(out)
+        if name not in DEMO_ENTRIES and not name.startswith(".index.cnet-")
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise OutputPathError(
+            f"{out} holds files that are not a cnet-data demo's ({shown}); the demo would "
+            "write its dataset among them"
+        )
 
 
 def _write_preview(images: torch.Tensor, conds: torch.Tensor, path: Path) -> None:

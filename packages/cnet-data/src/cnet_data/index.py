@@ -5,14 +5,17 @@ A directory holding `index.json` (format, version, dataset root, count) and one 
 bytes) and, for each of images, conditioning images and captions, a UTF-8 blob with an offsets
 array. Loading maps the files and creates no Python object per sample, so a 10-million-sample
 index opens in milliseconds and costs RAM only for the pages actually read.
+
+`index.json` with `"format": "cnet-data-index"` is the marker by which a folder is known to be
+an index: `IndexBuilder.write` replaces only such a folder, and only when it holds nothing but
+the index's own files (`INDEX_FILES`); see `cnet_data.outdir` for what it refuses.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import stat
 from array import array
 from pathlib import Path
 from typing import TypeVar
@@ -22,16 +25,41 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import override
 
+from cnet_data import outdir
 from cnet_data.captions import caption_key
+from cnet_data.errors import CnetError
 
 INDEX_FORMAT = "cnet-data-index"
 INDEX_VERSION = 1
 _TEXT_COLUMNS = ("images", "conditioning", "captions")
 _T = TypeVar("_T", bound=np.generic)
+INDEX_FILES = frozenset(
+    {
+        "index.json",
+        "sizes.npy",
+        "caption_keys.npy",
+        *(f"{name}.bin" for name in _TEXT_COLUMNS),
+        *(f"{name}.offsets.npy" for name in _TEXT_COLUMNS),
+    }
+)
+"""Every file an index folder holds: all that replacing an old index may remove."""
+_HEADER_LIMIT = 1 << 20
 
 
-class IndexFormatError(ValueError):
-    """An index directory that is missing, from another format version, or damaged."""
+class IndexFormatError(CnetError, ValueError):
+    """An index directory that is missing, from another format version, or damaged.
+
+    A `ValueError` too, so callers that treat bad input that way keep working."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str = "build it again with `cnet-data index SOURCE --out DIR`",
+    ) -> None:
+        super().__init__(message, hint=hint)
 
 
 class StringColumn:
@@ -200,10 +228,17 @@ class IndexBuilder:
             self._offsets[name].append(len(self._blobs[name]))
 
     def write(self, directory: Path, *, root: Path, extra: dict[str, object] | None = None) -> None:
-        """Write the index to `directory`, replacing an existing one only once complete."""
+        """Write the index to `directory`: a new or empty folder, or over an older index.
+
+        Anything else there is refused before any work is done (`outdir.OutputPathError`), so
+        a mistyped path costs nothing. The index is staged beside and renamed in whole, so a
+        crash leaves the old index or the new one, and the next write cleans the leftover.
+        """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        outdir.claim_directory(directory, INDEX_OWNERSHIP)
+        outdir.clean_stale(directory, INDEX_OWNERSHIP)
+        staging = outdir.new_staging(directory)
         try:
             self._write_columns(staging)
             header = {
@@ -213,31 +248,41 @@ class IndexBuilder:
                 "count": len(self),
                 **(extra or {}),
             }
-            (staging / "index.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
-            replace_directory(staging, directory)
+            _write_blob(staging / "index.json", json.dumps(header, indent=2).encode("utf-8"))
+            outdir.commit_directory(staging, directory, INDEX_OWNERSHIP)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            outdir.remove_owned(staging, INDEX_OWNERSHIP)
             raise
 
     def _write_columns(self, out: Path) -> None:
         n = len(self)
-        np.save(out / "sizes.npy", np.frombuffer(self._sizes, dtype=np.int32).reshape(n, 2))
-        np.save(out / "caption_keys.npy", np.frombuffer(self._keys, np.uint8).reshape(n, 16))
+        _save(out / "sizes.npy", np.frombuffer(self._sizes, dtype=np.int32).reshape(n, 2))
+        _save(out / "caption_keys.npy", np.frombuffer(self._keys, np.uint8).reshape(n, 16))
         for name in _TEXT_COLUMNS:
-            (out / f"{name}.bin").write_bytes(self._blobs[name])
-            np.save(out / f"{name}.offsets.npy", np.frombuffer(self._offsets[name], np.int64))
+            _write_blob(out / f"{name}.bin", self._blobs[name])
+            _save(out / f"{name}.offsets.npy", np.frombuffer(self._offsets[name], np.int64))
 
 
-def replace_directory(staging: Path, target: Path) -> None:
-    """Move the complete `staging` directory to `target`; an old `target` is removed only after.
+def _write_blob(path: Path, data: bytes | bytearray) -> None:
+    outdir.write_durably(path, lambda fh: fh.write(data))
 
-    A crash at any point leaves either the old directory or the new one in place (and at worst
-    a hidden leftover next to it), never a half-written one under the target's name.
-    """
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+def _save(path: Path, values: npt.NDArray[np.generic]) -> None:
+    outdir.write_durably(path, lambda fh: np.save(fh, values, allow_pickle=False))
+
+
+def is_index_directory(path: Path) -> bool:
+    """Whether `path` is a folder carrying the index marker (any version): ours to replace."""
+    header = path / "index.json"
+    try:
+        info = os.lstat(header)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _HEADER_LIMIT:
+            return False
+        content = json.loads(header.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(content, dict) and content.get("format") == INDEX_FORMAT
+
+
+INDEX_OWNERSHIP = outdir.Ownership("a cnet-data index", INDEX_FILES, is_index_directory)
+"""What `IndexBuilder.write` may replace: a folder with the index marker and only its files."""

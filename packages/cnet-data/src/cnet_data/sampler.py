@@ -105,6 +105,13 @@ class BucketBatchSampler(Sampler[list[int]]):
             self._resume_pending = False
             self._done_segments, self._start, self._position = [], 0, 0
 
+    def remaining(self) -> int:
+        """Batches this rank has yet to get in the current epoch (all of them on a fresh epoch;
+        after `load_state_dict`, those the saved run had not consumed)."""
+        if not self._resume_pending:
+            return len(self)
+        return len(self._plan()) - self._start
+
     def __len__(self) -> int:
         """Batches this rank gets in the current epoch, counting those done before a resume."""
         return sum(k for _, k in self._done_segments) + len(self._plan())

@@ -2,7 +2,10 @@
 
 Every bad sample is reported with where it came from, its paths, a kind and a reason. With
 `on_bad="skip"` the good samples are indexed and the bad ones counted and listed; with
-`on_bad="fail"` nothing is indexed and `BadSamplesError` carries the full report.
+`on_bad="fail"` nothing is indexed and `BadSamplesError` carries the full report. A source
+that yields no usable sample at all (an empty manifest, an empty folder, every line bad) is an
+error in both modes, `NoSamplesError`, which names the counts: an empty index is never what
+was meant.
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import attrs
 from tqdm import tqdm
 
 from cnet_data.atomic import atomic_write_text
+from cnet_data.errors import CnetError
 from cnet_data.imageio import DEFAULT_MAX_PIXELS, BadImageError, VerifyMode, probe_image
 from cnet_data.index import IndexBuilder
+from cnet_data.jsonlines import LineCount
+from cnet_data.outdir import claim_file
 from cnet_data.sources import RawSample, SourceConfig, read_source
 
 OnBad = Literal["skip", "fail"]
+REPORT_FORMAT = "cnet-data-scan-report"
+"""The marker by which a report file is known, so that writing one replaces only a report."""
 _CHUNK = 256
+_REPORT_LIMIT = 1 << 30
 
 
 @attrs.frozen
@@ -64,6 +73,10 @@ class ScanReport:
     empty_captions: int = 0
     """Accepted samples whose caption is empty (allowed: they train unconditionally)."""
     bad: list[BadSample] = attrs.Factory(list)
+    lines_read: int | None = None
+    """Lines of a manifest read (None for a folder source)."""
+    blank_lines: int = 0
+    """Blank manifest lines, ignored (neither samples nor bad)."""
 
     def counts_by_kind(self) -> dict[str, int]:
         return dict(sorted(Counter(b.kind for b in self.bad).items()))
@@ -77,13 +90,24 @@ class ScanReport:
             "empty_captions": self.empty_captions,
             "bad": len(self.bad),
             "bad_by_kind": self.counts_by_kind(),
+            "lines_read": self.lines_read,
+            "blank_lines": self.blank_lines,
         }
 
     def to_json(self) -> dict[str, object]:
-        return {**self.totals(), "bad_samples": [attrs.asdict(b) for b in self.bad]}
+        bad = [attrs.asdict(b) for b in self.bad]
+        return {"format": REPORT_FORMAT, **self.totals(), "bad_samples": bad}
 
     def write(self, path: Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+        """Write the report atomically; an existing file is replaced only if it is a report."""
+        path = Path(path)
+        self.claim(path)
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    @staticmethod
+    def claim(path: Path) -> None:
+        """`OutputPathError` unless a report may be written at `path` (nothing or a report)."""
+        claim_file(Path(path), is_ours=_is_report, what="a cnet-data scan report")
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k}: {n}" for k, n in self.counts_by_kind().items())
@@ -94,18 +118,64 @@ class ScanReport:
         )
 
 
-class BadSamplesError(Exception):
-    """Raised by `scan` with `on_bad="fail"` when any sample is bad."""
+def _is_report(path: Path) -> bool:
+    """Whether `path` holds a scan report (or one written before reports carried a marker)."""
+    try:
+        if path.stat().st_size > _REPORT_LIMIT:
+            return False
+        content = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(content, dict):
+        return False
+    legacy = {"source", "total", "accepted", "bad_samples"} <= content.keys()
+    return content.get("format") == REPORT_FORMAT or legacy
+
+
+class BadSamplesError(CnetError, ValueError):
+    """Raised by `scan` with `on_bad="fail"` when any sample is bad; carries the full report."""
 
     def __init__(self, report: ScanReport) -> None:
         first = report.bad[0]
         super().__init__(
             f"{len(report.bad)} bad sample(s) in {report.source} "
             f"({', '.join(f'{k}: {n}' for k, n in report.counts_by_kind().items())}); first: "
-            f"{first.where} {first.image}: {first.reason}. Fix them, or skip them with "
-            f"on_bad=skip (--on-bad skip)."
+            f"{first.where} {first.image}: {first.reason}",
+            hint="fix them, or skip them with --on-bad skip (on_bad: skip in a training "
+            "config); the report lists every one with its reason",
         )
         self.report = report
+
+
+class NoSamplesError(BadSamplesError):
+    """Raised by `scan` when the source yields no usable sample, in either mode."""
+
+    def __init__(self, report: ScanReport) -> None:
+        CnetError.__init__(self, _no_samples_message(report), hint=_no_samples_hint(report))
+        self.report = report
+
+
+def _no_samples_message(report: ScanReport) -> str:
+    read = (
+        f"{report.lines_read} line(s) read ({report.blank_lines} blank)"
+        if report.lines_read is not None
+        else f"{report.total} image(s) found"
+    )
+    kinds = ", ".join(f"{k}: {n}" for k, n in report.counts_by_kind().items())
+    rejected = f"{len(report.bad)} rejected" + (f" ({kinds})" if kinds else "")
+    first = f"; first: {report.bad[0].where}: {report.bad[0].reason}" if report.bad else ""
+    return f"no usable sample in {report.source}: {read}, 0 accepted, {rejected}{first}"
+
+
+def _no_samples_hint(report: ScanReport) -> str:
+    if not report.bad:
+        return "the source is empty; check the path (and --format) points at the dataset"
+    if any("missing key" in b.reason for b in report.bad):
+        return (
+            "the lines lack the keys looked for; name them with --image-key, "
+            "--conditioning-key and --caption-key (image_key, ... in a training config)"
+        )
+    return "every sample was rejected; the report lists each one with its reason"
 
 
 @attrs.frozen
@@ -128,7 +198,8 @@ def scan(
     root = source.root
     builder = IndexBuilder()
     report = ScanReport(source=str(source.path))
-    samples = read_source(source)
+    lines = LineCount()
+    samples = read_source(source, lines)
     bar = tqdm(desc="indexing", unit="sample", disable=not progress)
     for raw, outcome in _probe_all(root, samples, config):
         report.total += 1
@@ -142,6 +213,10 @@ def scan(
         report.empty_captions += outcome.caption == ""
         builder.add(raw.image, raw.conditioning, outcome.caption, outcome.height, outcome.width)
     bar.close()
+    if source.resolved_format != "folder":
+        report.lines_read, report.blank_lines = lines.lines, lines.blank
+    if report.accepted == 0:
+        raise NoSamplesError(report)
     if report.bad and config.on_bad == "fail":
         raise BadSamplesError(report)
     return builder, report

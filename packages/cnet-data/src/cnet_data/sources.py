@@ -8,12 +8,14 @@ Three layouts are understood:
   `prompt` = caption; one JSON object per line, or one JSON array).
 
 Sources only read text; image files are probed later, in parallel. Paths are normalised
-lexically and a path that leaves the dataset root is reported, never followed.
+lexically and a path that leaves the dataset root is reported, never followed. Every entry that
+cannot be used (a manifest line that is not UTF-8, not JSON, too deep, not an object, lacks a
+key or has one of the wrong type; a file name that is not UTF-8) comes out as a `RawSample`
+with a `problem`, so it is reported with its line like any other bad sample.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +23,23 @@ from typing import Literal
 
 import attrs
 
+from cnet_data.errors import CnetError
+from cnet_data.jsonlines import LineCount, json_type, read_records, shorten
+
 SourceFormat = Literal["jsonl", "folder", "prompt_json"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class SourceError(CnetError, FileNotFoundError):
+    """The dataset source is not there, or not laid out as its format needs.
+
+    A `FileNotFoundError` too, as it was before cnet's error classes existed."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
 
 
 @attrs.frozen
@@ -97,100 +113,59 @@ def inside_root(root: Path, relative: str) -> str | None:
     return Path(os.path.relpath(joined, base)).as_posix()
 
 
-def read_source(config: SourceConfig) -> Iterator[RawSample]:
-    """Every entry of the source, in a stable order."""
+def read_source(config: SourceConfig, count: LineCount | None = None) -> Iterator[RawSample]:
+    """Every entry of the source, in a stable order; `count` tallies a manifest's lines."""
     fmt = config.resolved_format
     if not config.path.exists():
-        raise FileNotFoundError(f"dataset source {config.path} does not exist")
+        raise SourceError(
+            f"dataset source {config.path} does not exist",
+            hint="give the path of a JSONL manifest, a prompt.json or a folder of pairs",
+        )
     if fmt == "folder":
         yield from _read_folder(config)
     elif fmt == "prompt_json":
-        yield from _read_records(
-            config.path,
-            config.root,
-            image_key="target",
-            conditioning_key="source",
-            caption_key="prompt",
-        )
+        keys = ("target", "source", "prompt")
+        yield from _read_records(config.path, config.root, keys, count)
     else:
-        yield from _read_records(
-            config.path,
-            config.root,
-            image_key=config.image_key,
-            conditioning_key=config.conditioning_key,
-            caption_key=config.caption_key,
-        )
+        keys = (config.image_key, config.conditioning_key, config.caption_key)
+        yield from _read_records(config.path, config.root, keys, count)
 
 
 def _read_records(
-    path: Path, root: Path, *, image_key: str, conditioning_key: str, caption_key: str
+    path: Path, root: Path, keys: tuple[str, str, str], count: LineCount | None
 ) -> Iterator[RawSample]:
-    for where, record in _json_records(path):
-        if isinstance(record, str):  # a line that did not parse: the reason is in `record`
-            yield RawSample(where, "", "", problem=("manifest_error", record))
-            continue
-        missing = [k for k in (image_key, conditioning_key, caption_key) if k not in record]
-        if missing:
-            yield RawSample(
-                where, "", "", problem=("manifest_error", f"missing key(s) {', '.join(missing)}")
-            )
-            continue
-        yield _checked_sample(
-            where, root, record[image_key], record[conditioning_key], record[caption_key]
+    """One sample per manifest entry; `keys` name the image, conditioning and caption."""
+    if path.is_dir():
+        raise SourceError(
+            f"dataset manifest {path} is a folder",
+            hint="a folder of pairs is read with --format folder (format: folder)",
         )
-
-
-def _json_records(path: Path) -> Iterator[tuple[str, dict[str, object] | str]]:
-    """(location, object) per record; a record that is not a JSON object comes back as a reason."""
-    with open(path, encoding="utf-8") as fh:
-        head = fh.read(1024).lstrip()
-        fh.seek(0)
-        if head.startswith("["):
-            items = json.load(fh)
-            numbered: Iterator[tuple[int, object]] = enumerate(items)
-        else:
-            numbered = ((n, _parse_line(line)) for n, line in enumerate(fh, start=1))
-        for n, item in numbered:
-            where = f"{path.name}:{n}"
-            if item is _BLANK:
-                continue
-            if isinstance(item, _ParseFailure):
-                yield where, f"not valid JSON: {item.message}"
-            elif not isinstance(item, dict):
-                yield where, f"expected a JSON object, got {type(item).__name__}"
-            else:
-                yield where, item
-
-
-@attrs.frozen
-class _ParseFailure:
-    message: str
-
-
-_BLANK = object()
-
-
-def _parse_line(line: str) -> object:
-    if not line.strip():
-        return _BLANK
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        return _ParseFailure(str(exc))
+    for record in read_records(path, count):
+        if record.problem is not None:
+            yield RawSample(record.where, "", "", problem=("manifest_error", record.problem))
+            continue
+        assert isinstance(record.value, dict)
+        missing = [k for k in keys if k not in record.value]
+        if missing:
+            reason = f"missing key(s) {', '.join(map(repr, missing))}"
+            yield RawSample(record.where, "", "", problem=("manifest_error", reason))
+            continue
+        image, conditioning, caption = (record.value[k] for k in keys)
+        yield _checked_sample(record.where, root, image, conditioning, caption)
 
 
 def _checked_sample(
     where: str, root: Path, image: object, conditioning: object, caption: object
 ) -> RawSample:
     for label, value in (("image", image), ("conditioning image", conditioning)):
-        if not isinstance(value, str):
-            return RawSample(
-                where,
-                str(image),
-                str(conditioning),
-                problem=("manifest_error", f"{label} path is not a string: {value!r}"),
-            )
+        reason = _path_problem(label, value)
+        if reason is not None:
+            shown_image, shown_cond = (shorten(str(v)) for v in (image, conditioning))
+            return RawSample(where, shown_image, shown_cond, problem=("manifest_error", reason))
     assert isinstance(image, str) and isinstance(conditioning, str)
+    if isinstance(caption, str) and not _is_utf8(caption):
+        reason = "caption holds an unpaired surrogate (not Unicode text)"
+        return RawSample(where, image, conditioning, problem=("caption_not_text", reason))
     image_rel, cond_rel = inside_root(root, image), inside_root(root, conditioning)
     if image_rel is None or cond_rel is None:
         bad = image if image_rel is None else conditioning
@@ -203,19 +178,46 @@ def _checked_sample(
     return RawSample(where, image_rel, cond_rel, caption=caption)
 
 
+def _path_problem(label: str, value: object) -> str | None:
+    """Why `value` cannot be a path, or None."""
+    if not isinstance(value, str):
+        return f"{label} path is a JSON {json_type(value)}, not a string: {shorten(repr(value))}"
+    if not value.strip():
+        return f"{label} path is empty"
+    if "\x00" in value:
+        return f"{label} path holds a NUL character"
+    if not _is_utf8(value):
+        return f"{label} path holds an unpaired surrogate (not Unicode text)"
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` can be stored in the index (which keeps UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_folder(config: SourceConfig) -> Iterator[RawSample]:
     root = config.root
     image_root = root / config.image_dir
     cond_root = root / config.conditioning_dir
     for folder in (image_root, cond_root):
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise SourceError(
                 f"folder dataset {root} has no {folder.name}/ sub-folder (expected "
-                f"{config.image_dir}/ and {config.conditioning_dir}/)"
+                f"{config.image_dir}/ and {config.conditioning_dir}/)",
+                hint="a manifest is read with --format jsonl; a folder needs both sub-folders",
             )
     conditioning_by_stem = _images_by_stem(cond_root)
     for stem, images in sorted(_images_by_stem(image_root).items()):
         image_rel = images[0].relative_to(root).as_posix()
+        if not _is_utf8(image_rel):
+            reason = "file name is not valid UTF-8; rename it"
+            yield RawSample(shorten(repr(image_rel)), "", "", problem=("bad_file_name", reason))
+            continue
         conds = conditioning_by_stem.get(stem, [])
         caption_rel = (image_root / (stem + config.caption_suffix)).relative_to(root).as_posix()
         problem = _pairing_problem(root, stem, images, conds)
