@@ -68,3 +68,24 @@ def test_resume_mid_epoch_is_bitwise_exact(make_config: MakeConfig, tmp_path: Pa
     assert not torch.equal(
         next(iter(first["weights"].values())), next(iter(resumed["weights"].values()))
     ) or any(not torch.equal(first["weights"][k], resumed["weights"][k]) for k in first["weights"])
+
+
+def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    # 6 steps an epoch: the checkpoint at step 6 is the epoch's last batch; the run ends in
+    # the third epoch, so the epoch numbering after the resume is checked too.
+    base = make_config(
+        "sd15",
+        steps=14,
+        data_batch_size=2,
+        validation=ValidationConfig(),
+        checkpoint=CheckpointConfig(every_n_steps=6, keep_last=3, resume="auto"),
+    )
+    straight = _final_state(attrs.evolve(base, run_dir=tmp_path / "straight"))
+    interrupted = attrs.evolve(base, run_dir=tmp_path / "interrupted")
+    assert _final_state(interrupted, max_steps=6)["step"] == 6
+    resumed = _final_state(interrupted)
+    assert resumed.pop("trained_steps") == list(range(7, 15))
+    straight.pop("trained_steps")
+    _assert_bitwise_equal(straight, resumed)

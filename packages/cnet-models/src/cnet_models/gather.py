@@ -14,7 +14,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["full_state_dict", "full_tensor", "is_writer", "is_zero3_partitioned"]
+__all__ = [
+    "full_state_dict",
+    "full_tensor",
+    "is_writer",
+    "is_zero3_partitioned",
+    "local_part",
+]
 
 
 def is_zero3_partitioned(t: torch.Tensor) -> bool:
@@ -36,6 +42,17 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.data.detach().clone()
+    return t
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The values of `t` this rank holds (its shard of a sharded `t`, all of a plain one);
+    never a collective."""
+    if isinstance(t, DTensor):
+        return t.to_local()
+    if is_zero3_partitioned(t):
+        part: torch.Tensor = t.ds_tensor  # type: ignore[attr-defined]
+        return part
     return t
 
 

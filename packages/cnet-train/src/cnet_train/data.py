@@ -143,7 +143,13 @@ class ControlNetDataModule(L.LightningDataModule):
             self._pending_state = state_dict
             return
         self.sampler.load_state_dict(state_dict["sampler"])
+        self._pending_state = None
+        if self.sampler.remaining() == 0:
+            # Saved at the last batch of an epoch: what is left to see is the next epoch.
+            # Lightning restarts such a run in the next epoch without calling
+            # `on_train_epoch_start` for it, so the next epoch's order is drawn here.
+            self.set_epoch(self.sampler.epoch + 1)
+            return
         self.epoch = self.sampler.epoch
         self.dataset.set_epoch(self.epoch)
         self.consumed = 0
-        self._pending_state = None

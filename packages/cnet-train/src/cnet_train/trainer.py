@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cnet_models.loading import BaseModel
@@ -21,24 +19,36 @@ from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.callbacks.history import LossHistory
 from cnet_train.callbacks.throughput import ThroughputLogger
 from cnet_train.callbacks.validation import ValidationCallback
+from cnet_train.checkpointing import CheckpointCallback, DurableCheckpointIO
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import write_resolved_config
 from cnet_train.data import ControlNetDataModule
+from cnet_train.errors import PreemptedError, RankFailedError
+from cnet_train.finishing import resume_finishes_the_run
 from cnet_train.module import ControlNetModule
+from cnet_train.resume import ResumeAgreement, checkpoint_dir, resume_path
 from cnet_train.strategies import build_strategy, lightning_precision
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})\.ckpt")
+__all__ = [
+    "RankFailedError",
+    "build_callbacks",
+    "build_trainer",
+    "check_local_ranks",
+    "checkpoint_dir",
+    "fit",
+    "resume_path",
+]
 
 
-def checkpoint_dir(config: TrainConfig) -> Path:
-    return config.run_dir / "checkpoints"
-
-
-def build_callbacks(config: TrainConfig) -> list[L.Callback]:
+def build_callbacks(config: TrainConfig, resume_from: Path | None = None) -> list[L.Callback]:
+    """The run's callbacks, in the order their end-of-training work must happen: the finiteness
+    check, then the export, validation and loss history, and the final checkpoint last (a
+    relaunch after a kill in between resumes at the last step and does what is missing)."""
     every = config.trainer.log_every_n_steps
     callbacks: list[L.Callback] = [
+        ResumeAgreement(resume_from),
         NonFiniteGuard(every),
         ThroughputLogger(every),
         LearningRateMonitor(logging_interval="step"),
@@ -48,23 +58,16 @@ def build_callbacks(config: TrainConfig) -> list[L.Callback]:
     callbacks.append(ExportCallback(config.run_dir, config.export))
     callbacks.append(ValidationCallback(config.run_dir, config.validation))
     callbacks.append(LossHistory(config.run_dir))
-    callbacks.append(
-        ModelCheckpoint(
-            dirpath=checkpoint_dir(config),
-            filename="step-{step:08d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=config.checkpoint.every_n_steps or None,
-            save_top_k=config.checkpoint.keep_last,
-            monitor="step",
-            mode="max",
-            save_on_train_epoch_end=False,
-        )
-    )
+    callbacks.append(CheckpointCallback(checkpoint_dir(config), config.checkpoint))
     return callbacks
 
 
 def build_trainer(
-    config: TrainConfig, callbacks_extra: Sequence[L.Callback] = (), **overrides: Any
+    config: TrainConfig,
+    callbacks_extra: Sequence[L.Callback] = (),
+    *,
+    resume_from: Path | None = None,
+    **overrides: Any,
 ) -> L.Trainer:
     """A Trainer as `config` says; `overrides` replace Trainer arguments (tests, tools)."""
     t = config.trainer
@@ -79,7 +82,10 @@ def build_trainer(
         "accumulate_grad_batches": t.accumulate_grad_batches,
         "gradient_clip_val": t.gradient_clip_val,
         "log_every_n_steps": t.log_every_n_steps,
-        "callbacks": [*build_callbacks(config), *callbacks_extra],
+        "callbacks": [*build_callbacks(config, resume_from), *callbacks_extra],
+        "plugins": [DurableCheckpointIO()],
+        # cnet's CheckpointCallback writes every checkpoint; Lightning's would write its own.
+        "enable_checkpointing": False,
         "logger": TensorBoardLogger(save_dir=str(config.run_dir), name="logs", version=""),
         "default_root_dir": str(config.run_dir),
         # The bucket sampler is rank-aware by itself; Lightning must not wrap it.
@@ -88,32 +94,9 @@ def build_trainer(
         "enable_model_summary": False,
     }
     options.update(overrides)
-    return L.Trainer(**options)
-
-
-def resume_path(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from: `auto` takes the newest complete one, if any."""
-    resume = config.checkpoint.resume
-    if resume == "none":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
-        return path
-    found = sorted(
-        (
-            p
-            for p in checkpoint_dir(config).glob("step-*.ckpt")
-            if CHECKPOINT_PATTERN.fullmatch(p.name)
-        ),
-        reverse=True,
-    )
-    for path in found:
-        if path.is_dir() or zipfile.is_zipfile(path):  # a torch.save archive that ends whole
-            return path
-        logger.warning("skipping incomplete checkpoint %s", path)
-    return None
+    trainer = L.Trainer(**options)
+    resume_finishes_the_run(trainer)
+    return trainer
 
 
 def fit(
@@ -129,15 +112,20 @@ def fit(
     weights for a benchmark)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(config, callbacks_extra, **trainer_overrides)
+    ckpt = resume_path(config)
+    trainer = build_trainer(config, callbacks_extra, resume_from=ckpt, **trainer_overrides)
     if trainer.is_global_zero:
         write_resolved_config(config, config.run_dir)
     module = ControlNetModule(config, base)
     data = ControlNetDataModule(config)
-    ckpt = resume_path(config)
     if ckpt is not None:
         logger.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    except PreemptedError as stopped:
+        # Every rank stopped at the same step with the same signal: they exit with its code.
+        check_local_ranks(trainer, expected_code=stopped.exit_code)
+        raise
     check_local_ranks(trainer)
     return trainer, module
 
@@ -146,11 +134,7 @@ RANK_EXIT_TIMEOUT_S = 300
 """How long the main process waits for the other local ranks once its own run is over."""
 
 
-class RankFailedError(RuntimeError):
-    """Another process of this launch exited with an error."""
-
-
-def check_local_ranks(trainer: L.Trainer) -> None:
+def check_local_ranks(trainer: L.Trainer, expected_code: int = 0) -> None:
     """Wait for the processes Lightning started beside this one and fail if any failed.
 
     Lightning's subprocess launcher does not look at its children's exit codes once the main
@@ -170,7 +154,10 @@ def check_local_ranks(trainer: L.Trainer) -> None:
                 "this one finished and was killed"
             )
             continue
-        if code != 0:
+        if code != expected_code:
             failed.append(f"local rank {local_rank} exited with code {code}")
     if failed:
-        raise RankFailedError("; ".join(failed) + " (its error is in the output above)")
+        raise RankFailedError(
+            "; ".join(failed),
+            hint="that rank's own error is in the output above; fix it and relaunch to resume",
+        )

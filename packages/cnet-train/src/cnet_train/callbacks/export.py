@@ -1,14 +1,15 @@
 """Diffusers-format exports of the ControlNet and its EMA twin, every N steps and at the end.
 
 Each export is a folder `RUN_DIR/exports/step-00001000/` holding `controlnet/` and, with EMA,
-`controlnet_ema/`, each loadable by `ControlNetModel.from_pretrained`. An export is written
-under a temporary name and renamed when complete; only then are exports beyond the newest
-`keep_last` deleted.
+`controlnet_ema/`, each loadable by `ControlNetModel.from_pretrained`. The whole export is
+written under the hidden name `.step-00001000.partial`, fsynced and renamed: a folder with the
+final name is complete. Only then are exports beyond the newest `keep_last` deleted. A run
+resumed at its last step writes the final export if a kill had prevented it.
 """
 
 from __future__ import annotations
 
-import shutil
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,16 @@ import lightning as L
 from typing_extensions import override
 
 from cnet_models.ema_export import export_controlnet, export_ema_controlnet
+from cnet_models.gather import is_writer
+from cnet_train import durable
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.ema import EMACallback
+from cnet_train.callbacks.guard import ensure_finite
 from cnet_train.config import ExportConfig
+from cnet_train.errors import WriteFailedError
 from cnet_train.module import ControlNetModule
+
+logger = logging.getLogger(__name__)
 
 EXPORT_PREFIX = "step-"
 
@@ -36,6 +43,12 @@ class ExportCallback(AfterBatch):
         """The newest complete export."""
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            for stale in durable.remove_partials(self.run_dir / "exports", EXPORT_PREFIX):
+                logger.info("removed %s, left by a run killed while writing it", stale)
+
+    @override
     def after_batch(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
@@ -46,8 +59,15 @@ class ExportCallback(AfterBatch):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._exported(trainer.global_step):
-            self.export(trainer, pl_module)
+        step = trainer.global_step
+        if self._exported(step):
+            return
+        out = export_dir(self.run_dir, step)
+        # Rank 0's view decides for all: the export is a collective under sharding.
+        if trainer.strategy.broadcast(out.is_dir() if trainer.is_global_zero else False, src=0):
+            self.last = out  # written before a kill that came after it
+            return
+        self.export(trainer, pl_module)
 
     def _exported(self, step: int) -> bool:
         return self.last is not None and self.last == export_dir(self.run_dir, step)
@@ -57,11 +77,27 @@ class ExportCallback(AfterBatch):
         if not isinstance(pl_module, ControlNetModule):
             raise TypeError(f"ExportCallback needs a ControlNetModule, got {type(pl_module)}")
         out = export_dir(self.run_dir, trainer.global_step)
+        ensure_finite(trainer, pl_module, f"the export of step {trainer.global_step}")
+        partial = durable.partial_path(out)
         ema = next((c.ema for c in trainer.callbacks if isinstance(c, EMACallback)), None)  # type: ignore[attr-defined]
-        # Both gather full tensors when the weights are sharded: every rank takes part.
-        export_controlnet(pl_module.controlnet, out / "controlnet")
-        if ema is not None:
-            export_ema_controlnet(ema, pl_module.controlnet, out / "controlnet_ema")
+        try:
+            if is_writer():
+                durable.remove(partial)
+            # Both gather full tensors when the weights are sharded: every rank takes part.
+            export_controlnet(pl_module.controlnet, partial / "controlnet")
+            if ema is not None:
+                export_ema_controlnet(ema, pl_module.controlnet, partial / "controlnet_ema")
+            if trainer.is_global_zero:
+                durable.commit(partial, out)
+        except OSError as exc:
+            if trainer.is_global_zero:
+                durable.remove(partial)
+            raise WriteFailedError(
+                f"could not write the export {out} ({exc.strerror or exc}; "
+                f"{durable.free_space(out.parent)}); the previous exports are kept",
+                hint="free space there (or set run_dir elsewhere) and relaunch: the run resumes "
+                "from its newest checkpoint and writes the export again",
+            ) from exc
         if trainer.is_global_zero:
             self._prune()
         trainer.strategy.barrier("cnet-export")
@@ -69,6 +105,10 @@ class ExportCallback(AfterBatch):
         return out
 
     def _prune(self) -> None:
-        exports = sorted((self.run_dir / "exports").glob(f"{EXPORT_PREFIX}*"))
+        exports = sorted(
+            p
+            for p in (self.run_dir / "exports").glob(f"{EXPORT_PREFIX}*")
+            if p.is_dir() and not durable.is_partial(p)
+        )
         for old in exports[: -self.config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            durable.remove(old)

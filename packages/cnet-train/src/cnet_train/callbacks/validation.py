@@ -53,8 +53,16 @@ class ValidationCallback(AfterBatch):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.config.prompts and self.last_step != trainer.global_step:
-            self.validate(trainer, pl_module)
+        step = trainer.global_step
+        if not self.config.prompts or self.last_step == step:
+            return
+        # A relaunch after a kill at the end finds the grid already drawn: rank 0's view
+        # decides for all ranks, since rendering is collective under sharding.
+        drawn = self._grid_path(step).is_file() if trainer.is_global_zero else False
+        if trainer.strategy.broadcast(drawn, src=0):
+            self.last_step = step
+            return
+        self.validate(trainer, pl_module)
 
     def _grid_path(self, step: int) -> Path:
         return self.run_dir / "validation" / f"step-{step:08d}.png"

@@ -1,0 +1,88 @@
+"""Durable commits in the run directory: write under a temporary name, fsync, rename, fsync
+the folder.
+
+Everything a run keeps (checkpoints, exports) is written beside its final name, never in
+`$TMPDIR`: a rename within one filesystem is atomic, a move across filesystems is a copy that a
+kill leaves torn under the final name. The fsyncs make the committed name survive a power loss
+or a node crash, not only a killed process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(final: Path) -> Path:
+    """The temporary name `final` is written under: hidden, beside it, the same on every rank
+    (ranks that write parts of one checkpoint folder must agree on it without talking)."""
+    return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+
+
+def is_partial(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path` (or `path` itself, a file)."""
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                fsync_path(Path(root) / name)
+            fsync_path(Path(root))
+    else:
+        fsync_path(path)
+
+
+def commit(partial: Path, final: Path) -> None:
+    """Make the complete `partial` (file or folder) durable and rename it to `final`.
+
+    A folder cannot replace a non-empty folder in one rename, so an existing `final` folder
+    (a torn one from an older version) is removed first; a file is replaced atomically."""
+    fsync_tree(partial)
+    if final.is_dir() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    fsync_path(final.parent)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder cnet wrote; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_partials(folder: Path, prefix: str) -> list[Path]:
+    """Delete the temporary writes of a killed run in `folder` (only names cnet gives them)."""
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if is_partial(p) and p.name[1:].startswith(prefix)]
+    for path in stale:
+        remove(path)
+    return stale
+
+
+def free_space(path: Path) -> str:
+    """Free space on the filesystem holding `path`, for error messages."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "unknown free space"
+    return f"{free / 2**30:.2f} GiB free"
