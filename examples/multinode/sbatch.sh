@@ -13,6 +13,8 @@
 #SBATCH --mem=0                   # all of each node's memory
 #SBATCH --time=48:00:00
 #SBATCH --requeue                 # a requeued job resumes from the newest checkpoint
+#SBATCH --signal=USR1@180         # 3 min before the time limit: every rank checkpoints at the
+                                  # next step, then the job requeues itself (scontrol requeue)
 #SBATCH --output=%x-%j.out
 
 set -euo pipefail
@@ -30,6 +32,9 @@ srun --nodes=1 --ntasks=1 --gpus-per-node=8 \
     torchrun --standalone --nproc-per-node 8 -m cnet_train.cli embed "$CONFIG"
 
 # Training on every task; resumes from the newest checkpoint in run_dir (checkpoint.resume: auto).
+# run_dir must be on a filesystem every node shares (cnet stops at start-up, saying so, if the
+# nodes see different checkpoints). SIGUSR1 (above) or SIGTERM (preemption, scancel) makes every
+# rank checkpoint at the next step and exit with 128 + the signal number.
 srun cnet-train launch "$CONFIG" \
     --set trainer.num_nodes=2 \
     --set trainer.devices=8

@@ -18,7 +18,8 @@ from typing_extensions import override
 
 from cnet_data.buckets import BucketTable
 from cnet_data.dataset import ControlNetDataset
-from cnet_data.index import DatasetIndex
+from cnet_data.index import INDEX_OWNERSHIP, DatasetIndex
+from cnet_data.outdir import claim_directory
 from cnet_data.sampler import BucketBatchSampler
 from cnet_data.scan import scan
 from cnet_train.config import TrainConfig
@@ -35,6 +36,8 @@ def ensure_index(config: TrainConfig) -> Path:
     path = index_path(config)
     if (path / "index.json").is_file():
         return path
+    # Refuse a target that is not an index before scanning, not after.
+    claim_directory(path, INDEX_OWNERSHIP)
     logger.info("indexing %s into %s", config.data.source.path, path)
     builder, report = scan(config.data.source, config.data.scan)
     builder.write(path, root=config.data.source.root, extra={"scan": report.totals()})

@@ -121,7 +121,15 @@ def fit(
     if ckpt is not None:
         logger.info("resuming from %s", ckpt)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+        # A checkpoint file (single device, DDP) holds only tensors and plain data: it loads
+        # with weights_only. DeepSpeed and FSDP2 folders are read by their own loaders.
+        safe_load = True if ckpt is not None and ckpt.is_file() else None
+        trainer.fit(
+            module,
+            datamodule=data,
+            ckpt_path=str(ckpt) if ckpt else None,
+            weights_only=safe_load,
+        )
     except PreemptedError as stopped:
         # Every rank stopped at the same step with the same signal: they exit with its code.
         check_local_ranks(trainer, expected_code=stopped.exit_code)
