@@ -12,6 +12,7 @@ import attrs
 import pytest
 import torch
 
+from cnet_train.callbacks import export as export_module
 from cnet_train.callbacks.guard import NonFiniteLossError
 from cnet_train.checkpointing import DurableCheckpointIO
 from cnet_train.config import CheckpointConfig, TrainConfig, ValidationConfig
@@ -131,3 +132,24 @@ def test_non_finite_weights_after_a_finite_loss_are_never_written(
     checkpoints = config.run_dir / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())
     assert not (config.run_dir / "exports").exists()
+
+
+def test_a_full_disk_during_an_export_keeps_the_previous_export(
+    make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config("sd15", steps=4, validation=ValidationConfig())
+    config = attrs.evolve(config, export=attrs.evolve(config.export, every_n_steps=2))
+    real_export = export_module.export_controlnet
+
+    def full_disk(controlnet: Any, out: Path) -> Path:
+        if "step-00000004" in str(out):
+            out.mkdir(parents=True)
+            (out / "half.safetensors").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        return real_export(controlnet, out)
+
+    monkeypatch.setattr(export_module, "export_controlnet", full_disk)
+    with pytest.raises(WriteFailedError, match=r"export .*step-00000004 \(No space left"):
+        fit(config, enable_progress_bar=False)
+    exports = config.run_dir / "exports"
+    assert [p.name for p in exports.iterdir()] == ["step-00000002"]
