@@ -4,7 +4,7 @@
 # One SLURM task per GPU. Lightning detects SLURM by itself (ranks from SLURM_PROCID and
 # SLURM_LOCALID, the main address from SLURM_NODELIST, a port from the job id), so there is no
 # torchrun here; --ntasks-per-node must equal trainer.devices and --nodes trainer.num_nodes.
-# Submit from the repository root (the config's relative paths are resolved from there).
+# Submit from the repository root (a config's relative paths resolve against its own folder).
 #SBATCH --job-name=cnet-sdxl
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

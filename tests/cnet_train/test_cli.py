@@ -61,5 +61,63 @@ def test_config_errors_name_the_key_and_load_nothing(
     )
     assert main(["launch", str(config)]) == 2
     err = capsys.readouterr().err
+    assert err.startswith(f"cnet-train launch: error: invalid config {config} (2 problems):")
     assert "data.batch_size" in err and "optimiser" in err
-    assert not Path("runs/x").exists()
+    assert "cnet-train launch: hint: " in err and "Traceback" not in err
+    assert not (tmp_path / "runs/x").exists() and not Path("runs/x").exists()
+
+
+def test_paths_and_devices_are_checked_before_launch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "run_dir: runs/x\nmodel: {source: ./model}\ndata: {source: {path: data.jsonl}}\n"
+        "trainer: {accelerator: cpu, devices: 4096}\n"
+    )
+    assert main(["config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.source.path: {tmp_path / 'data.jsonl'} does not exist" in err
+    assert f"model.source: {tmp_path / 'model'} does not exist" in err
+    assert "trainer.devices: 4096 CPU processes asked for" in err
+    assert "hint: relative paths in a config file are relative to the file's folder" in err
+    # --schema-only checks what the file says, not what this machine has.
+    assert main(["config", str(config), "--schema-only"]) == 0
+    assert f"run_dir: {tmp_path / 'runs/x'}" in capsys.readouterr().out
+
+
+def test_every_failure_is_one_named_line_and_debug_adds_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(path: Path, overrides: object = ()) -> None:
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr("cnet_train.config_io.load_config", broken)
+    assert main(["config", str(tmp_path / "run.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cnet-train config: error: unexpected RuntimeError: something nobody")
+    assert "cnet-train config: hint: rerun with --debug" in err and "Traceback" not in err
+    for argv in (["--debug", "config", "x.yaml"], ["config", "x.yaml", "--debug"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback") and "cnet-train config: error: unexpected" in err
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", str(tmp_path / "nowhere.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cnet-train launch: error: config file {tmp_path / 'nowhere.yaml'}")
+
+
+@pytest.mark.parametrize("name", ["sd15.yaml", "sd21.yaml", "sdxl.yaml"])
+def test_examples_pass_schema_only_and_name_their_placeholders_otherwise(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / name
+    assert main(["config", str(example), "--schema-only"]) == 0
+    assert f"run_dir: {example.parent / 'runs'}" in capsys.readouterr().out
+    # On this machine the placeholder dataset path (/path/to/...) is the first thing named.
+    assert main(["config", str(example)]) == 2
+    assert (
+        "data.source.path: /path/to/dataset/train.jsonl does not exist" in capsys.readouterr().err
+    )

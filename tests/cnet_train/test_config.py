@@ -151,7 +151,11 @@ def test_full_config_loads_every_section_and_round_trips(tmp_path: Path) -> None
     assert config.controlnet.conditioning_embedding_out_channels == (16, 32, 96, 256)
     assert config.optimizer.lr == 2e-5 and config.optimizer.betas == (0.8, 0.99)
     assert config.ema.config.device == "cpu" and config.ema.enabled is False
-    assert config.validation.images == (Path("val/car.png"), Path("val/cat.png"))
+    # Relative paths are relative to the file's folder; hub ids stay as written.
+    assert config.validation.images == (tmp_path / "val/car.png", tmp_path / "val/cat.png")
+    assert config.data.index == tmp_path / "runs/full/index"
+    assert config.model.source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert config.model.vae == "madebyollin/sdxl-vae-fp16-fix"
     assert config.validation.prompts == ("a red car", "a cat: sitting")
     assert config.trainer.devices == 8 and config.trainer.gradient_clip_val is None
     assert config.checkpoint.resume == "none"
@@ -165,9 +169,12 @@ def test_config_to_dict_is_plain_yaml_data_in_schema_order(tmp_path: Path) -> No
     data = config_to_dict(config)
     # safe_dump refuses Path and tuple objects: this passing means only plain types remain.
     yaml.safe_dump(data)
-    assert data["run_dir"] == "runs/full"
+    assert data["run_dir"] == str(tmp_path / "runs/full")
     assert data["optimizer"]["betas"] == [0.8, 0.99]
-    assert data["validation"]["images"] == ["val/car.png", "val/cat.png"]
+    assert data["validation"]["images"] == [
+        str(tmp_path / "val/car.png"),
+        str(tmp_path / "val/cat.png"),
+    ]
     schema_order = [a.name for a in attrs.fields(TrainConfig)]
     assert list(data) == schema_order
     top_level = [line.split(":")[0] for line in dump_config(config).splitlines() if line[0] != " "]
@@ -178,13 +185,14 @@ def test_config_to_dict_is_plain_yaml_data_in_schema_order(tmp_path: Path) -> No
 def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, MINIMAL))
     assert config == TrainConfig(
-        run_dir=Path("runs/minimal"),
+        run_dir=tmp_path / "runs/minimal",
         model=BaseModelConfig(source="models/sd15"),
-        data=DataConfig(source=SourceConfig(path=Path("data/train.jsonl"))),
+        data=DataConfig(source=SourceConfig(path=tmp_path / "data/train.jsonl")),
     )
-    # Relative paths stay as written: nothing is resolved against the file or the cwd.
-    assert not config.run_dir.is_absolute()
     assert config.data.scan.on_bad == "skip"
+    # Without a file nothing is resolved: the paths stay as written.
+    in_memory = config_from_dict(yaml.safe_load(MINIMAL))
+    assert in_memory.run_dir == Path("runs/minimal")
 
 
 def test_write_resolved_config_is_atomic_and_loads_back(tmp_path: Path) -> None:
@@ -200,11 +208,16 @@ def test_write_resolved_config_is_atomic_and_loads_back(tmp_path: Path) -> None:
 
 def test_dump_keeps_unicode_readable_and_exact() -> None:
     data = yaml.safe_load(MINIMAL)
-    data["validation"] = {"prompts": ["café au lait", "line\x85break", "\u2028"]}
+    data["validation"] = {
+        "prompts": ["café au lait", "line\x85break", "\u2028"],
+        "images": ["a.png", "b.png", "c.png"],
+    }
     config = config_from_dict(data)
     text = dump_config(config)
     assert config_from_dict(yaml.safe_load(text)) == config
-    plain = config_from_dict(yaml.safe_load(MINIMAL), ["validation.prompts=[café]"])
+    plain = config_from_dict(
+        yaml.safe_load(MINIMAL), ["validation.prompts=[café]", "validation.images=[c.png]"]
+    )
     assert "café" in dump_config(plain)
 
 
@@ -228,6 +241,7 @@ def test_overrides_parse_values_as_yaml(tmp_path: Path) -> None:
             "data.index=null",
             "optimizer.betas=[0.5, 0.6]",
             "validation.prompts=[one, two, three]",
+            "validation.images=[a.png, /abs/b.png, ~/c.png]",
             "trainer.devices=auto",
             "controlnet.conditioning_embedding_out_channels=null",
             "model.source=/models/with=sign",
@@ -239,6 +253,12 @@ def test_overrides_parse_values_as_yaml(tmp_path: Path) -> None:
     assert config.data.index is None
     assert config.optimizer.betas == (0.5, 0.6)
     assert config.validation.prompts == ("one", "two", "three")
+    # Paths given on the command line are relative to the current directory, not the file.
+    assert config.validation.images == (
+        Path.cwd() / "a.png",
+        Path("/abs/b.png"),
+        Path.home() / "c.png",
+    )
     assert config.trainer.devices == "auto"
     assert config.controlnet.conditioning_embedding_out_channels is None
     assert config.model.source == "/models/with=sign"
@@ -486,40 +506,52 @@ def _plain(value: object) -> object:
 
 
 def _paths(value: object) -> object:
+    # Paths given as overrides are made absolute against the current directory.
     if isinstance(value, list):
-        return tuple(Path(v) for v in value)
-    return None if value is None else Path(str(value))
+        return tuple(Path.cwd() / v for v in value)
+    return None if value is None else Path.cwd() / str(value)
+
+
+def _resume(value: str) -> str:
+    return value if value in ("auto", "none") else str(Path.cwd() / value)
 
 
 _PATH_TEXT = st.text("abc_-./", min_size=1, max_size=12)
 _FLOAT = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+_POSITIVE = st.floats(0, 1e6, exclude_min=True, allow_nan=False, allow_infinity=False)
+# Hub ids (`org/name`) stay as written; nothing of such a name exists in the current directory.
+_HUB_ID = st.from_regex(r"[a-z]{1,8}/[a-z]{1,6}-[0-9]", fullmatch=True)
 _EXPONENT_TEXT = st.builds(lambda m, e: f"{m}e-{e}", st.integers(1, 9), st.integers(1, 12))
 
 # key -> (strategy of the YAML value, what the config then holds)
 _VALID: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], object]]] = {
-    "seed": (st.integers(0, 2**63), _plain),
+    "seed": (st.integers(0, 2**32 - 1), _plain),
     "model.family": (st.sampled_from([None, "sd15", "sd21", "sdxl"]), _plain),
-    "model.vae": (st.none() | st.text(max_size=20), _plain),
+    "model.vae": (st.none() | _HUB_ID, _plain),
     "data.index": (st.none() | _PATH_TEXT, _paths),
     "data.batch_size": (st.integers(1, 1024), _plain),
     "data.caption_dropout": (st.floats(0, 1), _plain),
     "data.augment.flip_probability": (st.floats(0, 1), _plain),
     "controlnet.conditioning_embedding_out_channels": (
-        st.none() | st.lists(st.integers(1, 512), max_size=4),
+        st.none() | st.lists(st.integers(1, 512), min_size=1, max_size=4),
         lambda v: None if v is None else tuple(v),
     ),
     "optimizer.lr": (_EXPONENT_TEXT, float),
-    "optimizer.betas": (st.lists(_FLOAT, min_size=2, max_size=2), _plain),
-    "loss.min_snr_gamma": (st.none() | _FLOAT, _plain),
+    "optimizer.betas": (
+        st.lists(st.floats(0, 1, exclude_max=True), min_size=2, max_size=2),
+        _plain,
+    ),
+    "loss.min_snr_gamma": (st.none() | _POSITIVE, _plain),
+    "loss.noise_offset": (_FLOAT, _plain),
     "ema.enabled": (st.booleans(), _plain),
     "ema.config.every_n_steps": (st.integers(1, 100), _plain),
+    # validation.images is drawn with the prompts, to the same length (they are paired).
     "validation.prompts": (st.lists(st.text(max_size=30), max_size=3), _plain),
-    "validation.images": (st.lists(_PATH_TEXT, max_size=3), _paths),
-    "checkpoint.resume": (st.text(max_size=20), _plain),
+    "checkpoint.resume": (st.sampled_from(["auto", "none"]) | _PATH_TEXT, _resume),
     "trainer.precision": (st.sampled_from(["32", "bf16-mixed", "16-mixed"]), _plain),
     "trainer.strategy": (st.sampled_from(["auto", "ddp", "deepspeed", "fsdp"]), _plain),
     "trainer.devices": (st.integers(1, 64) | st.just("auto"), _plain),
-    "trainer.gradient_clip_val": (st.none() | _FLOAT, _plain),
+    "trainer.gradient_clip_val": (st.none() | _POSITIVE, _plain),
     "trainer.compile": (st.booleans(), _plain),
 }
 
@@ -539,16 +571,27 @@ def _dotted(config: object, key: str) -> object:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.fixed_dictionaries({}, optional={k: strategy for k, (strategy, _) in _VALID.items()}))
-def test_valid_overrides_round_trip_through_dump_and_load(chosen: dict[str, Any]) -> None:
+@given(
+    st.fixed_dictionaries({}, optional={k: strategy for k, (strategy, _) in _VALID.items()}),
+    st.lists(_PATH_TEXT, min_size=3, max_size=3),
+)
+def test_valid_overrides_round_trip_through_dump_and_load(
+    chosen: dict[str, Any], images: list[str]
+) -> None:
     pair = (chosen.get("trainer.strategy"), chosen.get("trainer.precision"))
     assume(pair != ("deepspeed", "16-mixed"))  # the one refused pair, tested on its own
+    if "validation.prompts" in chosen:
+        chosen["validation.images"] = images[: len(chosen["validation.prompts"])]
     overrides = [_as_override(key, value) for key, value in chosen.items()]
-    config = config_from_dict(yaml.safe_load(MINIMAL), overrides)
-    for key, value in chosen.items():
-        assert _dotted(config, key) == _VALID[key][1](value), key
     with tempfile.TemporaryDirectory() as folder:
-        written = write_resolved_config(config, Path(folder))
+        base = Path(folder)
+        config = config_from_dict(yaml.safe_load(MINIMAL), overrides, base_dir=base)
+        assert config.run_dir == base / "runs/minimal"  # from the file: against its folder
+        for key, value in chosen.items():
+            expect = _paths if key == "validation.images" else _VALID[key][1]
+            assert _dotted(config, key) == expect(value), key
+        # Every path is absolute now: the written config means the same wherever it is read.
+        written = write_resolved_config(config, base / "elsewhere")
         assert load_config(written) == config
 
 
@@ -558,3 +601,188 @@ def test_deepspeed_refuses_16_mixed() -> None:
     )
     assert "16-mixed is not available with trainer.strategy deepspeed" in problem
     assert "use bf16-mixed" in problem
+
+
+# --- values: finite and in range, every problem named by its key
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),
+        ({"optimizer": {"lr": 0}}, "optimizer.lr"),
+        ({"optimizer": {"lr": "1e400"}}, "optimizer.lr"),  # reads as infinity
+        ({"optimizer": {"eps": 0}}, "optimizer.eps"),
+        ({"optimizer": {"weight_decay": float("nan")}}, "optimizer.weight_decay"),
+        ({"optimizer": {"betas": [0.9, 1.0]}}, "optimizer.betas"),
+        ({"loss": {"noise_offset": float("inf")}}, "loss.noise_offset"),
+        ({"loss": {"min_snr_gamma": -5.0}}, "loss.min_snr_gamma"),
+        ({"loss": {"conditioning_scale": float("-inf")}}, "loss.conditioning_scale"),
+        ({"validation": {"guidance_scale": float("nan")}}, "validation.guidance_scale"),
+        ({"validation": {"resolution": 500}}, "validation.resolution"),
+        ({"validation": {"seed": -2}}, "validation.seed"),
+        ({"trainer": {"gradient_clip_val": 0}}, "trainer.gradient_clip_val"),
+        ({"trainer": {"devices": 0}}, "trainer.devices"),
+        ({"checkpoint": {"resume": ""}}, "checkpoint.resume"),
+        ({"model": {"source": ""}}, "model.source"),
+        ({"model": {"vae": ""}}, "model.vae"),
+        ({"controlnet": {"conditioning_channels": 0}}, "controlnet.conditioning_channels"),
+        (
+            {"controlnet": {"conditioning_embedding_out_channels": []}},
+            "controlnet.conditioning_embedding_out_channels",
+        ),
+        (
+            {"controlnet": {"conditioning_embedding_out_channels": [16, 0]}},
+            "controlnet.conditioning_embedding_out_channels",
+        ),
+        # Fields of the cnet-data and cnet-models classes, checked from here.
+        ({"ema": {"config": {"inv_gamma": float("nan")}}}, "ema.config.inv_gamma"),
+        ({"ema": {"config": {"power": float("inf")}}}, "ema.config.power"),
+        ({"data": {"scan": {"max_pixels": 0}}}, "data.scan.max_pixels"),
+        ({"data": {"scan": {"workers": -1}}}, "data.scan.workers"),
+        ({"data": {"augment": {"max_pixels": 0}}}, "data.augment.max_pixels"),
+        ({"data": {"source": {"path": "x", "image_dir": "../up"}}}, "data.source.image_dir"),
+        ({"data": {"source": {"path": "x", "caption_key": ""}}}, "data.source.caption_key"),
+    ],
+)
+def test_values_out_of_range_are_refused_by_key(section: dict[str, Any], key: str) -> None:
+    (problem,) = _problems(_minimal_with(section))
+    assert problem.startswith(f"{key}: "), problem
+
+
+def test_betas_name_every_bad_item() -> None:
+    (problem,) = _problems(_minimal_with({"optimizer": {"betas": [2, -1]}}))
+    assert problem == "optimizer.betas: each must be in [0, 1): item 0 is 2.0, item 1 is -1.0"
+
+
+def test_the_edges_of_the_ranges_are_accepted() -> None:
+    config = config_from_dict(
+        _minimal_with(
+            {
+                "seed": 2**32 - 1,
+                "optimizer": {"betas": [0.0, 0.999], "weight_decay": 0},
+                "loss": {"noise_offset": 0, "conditioning_scale": -1.0},
+                "trainer": {"devices": 1},
+                "validation": {"resolution": 8, "seed": 0},
+            }
+        )
+    )
+    assert config.seed == 2**32 - 1 and config.optimizer.betas == (0.0, 0.999)
+
+
+def test_prompts_and_images_must_pair_up() -> None:
+    (problem,) = _problems(_minimal_with({"validation": {"prompts": ["a", "b"], "images": ["x"]}}))
+    assert problem == (
+        "validation: validation.prompts has 2 entries but validation.images has 1; "
+        "they are paired by position"
+    )
+
+
+def test_config_error_is_a_cnet_error_with_exit_code_2() -> None:
+    from cnet_data.errors import CnetError, describe
+
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(_minimal_with({"seed": -1}))
+    # A CnetError for the console script, a ValueError for callers that catch bad input.
+    assert isinstance(caught.value, CnetError)
+    assert ValueError in type(caught.value).__mro__
+    message, hint, code = describe(caught.value)
+    assert code == 2 and "seed" in message and "cnet-train config" in hint
+
+
+# --- the YAML reader: bounded, no duplicate keys
+
+
+def _file_problem(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text))
+    (problem,) = caught.value.problems
+    return problem
+
+
+def test_deep_nesting_is_refused_with_its_key(tmp_path: Path) -> None:
+    problem = _file_problem(tmp_path, MINIMAL + "seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert problem.startswith("seed[0][0]") and "nested deeper than 64 levels" in problem
+    problem = _file_problem(tmp_path, MINIMAL + "loss: " + "{a: " * 3000 + "1" + "}" * 3000)
+    assert problem.startswith("loss.a.a") and "nested deeper than 64 levels" in problem
+
+
+def test_alias_expansion_is_bounded(tmp_path: Path) -> None:
+    lines = ["lol:", "  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"  {name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    problem = _file_problem(tmp_path, MINIMAL + "\n".join(lines) + "\n")
+    assert problem.startswith("lol.") and "expands to more than 100000 values" in problem
+    recursive = _file_problem(tmp_path, MINIMAL + "validation: {prompts: &p [a, *p]}\n")
+    assert recursive.startswith("validation.prompts[1]: ") and "recursive alias" in recursive
+
+
+def test_a_few_aliases_and_merge_keys_still_load(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        "validation: {prompts: &p [a red car], images: [car.png]}\n"
+        "export: &every {every_n_steps: 100, keep_last: 2}\n"
+        "checkpoint:\n  <<: *every\n  every_n_steps: 50\n"
+    )
+    config = load_config(_write(tmp_path, text))
+    assert config.checkpoint.every_n_steps == 50 and config.checkpoint.keep_last == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("optimizer:\n  lr: 1\n  lr: 2\n", "optimizer.lr: key given twice (line 8 and line 9)"),
+        ("optimizer: {lr: 1, lr: 2}\n", "optimizer.lr: key given twice (line 7 and line 7)"),
+        ("run_dir: again\n", "run_dir: key given twice (line 1 and line 7)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_lines(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert _file_problem(tmp_path, MINIMAL + text).startswith(expected)
+
+
+def test_override_values_are_bounded_too() -> None:
+    (problem,) = _problems(_minimal_with({}), ["seed=" + "[" * 200 + "]" * 200])
+    assert problem.startswith("seed: value ") and "nested deeper than 64 levels" in problem
+
+
+def test_cycles_in_memory_are_a_config_error() -> None:
+    data = _minimal_with({})
+    data["loss"] = {}
+    data["loss"]["self"] = data["loss"]
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        config_from_dict(data)
+
+
+# --- relative paths: against the file's folder, or the current directory for --set
+
+
+def test_relative_paths_resolve_against_the_file_and_overrides_against_the_cwd(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "models" / "sd15").mkdir(parents=True)
+    (folder / "org" / "vae").mkdir(parents=True)  # an `org/name` that exists: a folder
+    text = (
+        "run_dir: runs/minimal\n"
+        "model: {source: ./models/sd15, vae: org/vae}\n"
+        "data: {source: {path: data/train.jsonl}}\n"
+        "controlnet: {pretrained: lllyasviel/sd-controlnet-canny}\n"
+        "cache: {path: ~/cache}\n"
+        "checkpoint: {resume: ckpt/last.ckpt}\n"
+    )
+    config = load_config(_write(folder, text), ["data.index=idx"])
+    assert config.run_dir == folder / "runs/minimal"
+    assert config.data.source.path == folder / "data/train.jsonl"
+    assert config.model.source == str(folder / "models/sd15")
+    assert config.model.vae == str(folder / "org/vae")
+    assert config.controlnet.pretrained == "lllyasviel/sd-controlnet-canny"  # a hub id
+    assert config.cache.path == Path.home() / "cache"
+    assert config.checkpoint.resume == str(folder / "ckpt/last.ckpt")
+    assert config.data.index == Path.cwd() / "idx"  # from --set
+    # `models/sd15` next to the file is that folder; where there is none, it is a hub id.
+    assert load_config(_write(folder, MINIMAL)).model.source == str(folder / "models/sd15")
+    elsewhere = load_config(_write(tmp_path, MINIMAL))
+    assert elsewhere.model.source == "models/sd15" and elsewhere.checkpoint.resume == "auto"

@@ -139,7 +139,7 @@ def test_a_full_disk_during_an_export_keeps_the_previous_export(
 ) -> None:
     config = make_config("sd15", steps=4, validation=ValidationConfig())
     config = attrs.evolve(config, export=attrs.evolve(config.export, every_n_steps=2))
-    real_export = export_module.export_controlnet
+    from cnet_models.ema_export import export_controlnet as real_export
 
     def full_disk(controlnet: Any, out: Path) -> Path:
         if "step-00000004" in str(out):

@@ -3,7 +3,10 @@ training config can be read and checked in milliseconds, before any model loads.
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -18,15 +21,64 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# A hub repository id: `name` or `org/name`, letters, digits, `_`, `.` and `-`.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_local(source: str, base: Path | None = None) -> bool:
+    """Whether `source` means a folder on disk rather than a hub id.
+
+    A hub id is `name` or `org/name`; so a source that starts with `.`, `/` or `~`, is an
+    absolute path, holds a backslash or a second `/`, or exists (relative to `base`, or to the
+    current directory) is a path. Such a source that does not exist must be reported as a
+    missing folder: tried as a hub id it costs a minute of retries and then a message about
+    `config.json` that names neither the key nor the folder.
+    """
+    if source.startswith((".", "/", "~")) or os.path.isabs(source) or "\\" in source:
+        return True
+    if source.count("/") > 1 or (os.altsep is not None and os.altsep in source):
+        return True
+    try:
+        return ((base / source) if base is not None else Path(source)).exists()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte, exists nowhere
+        return False
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` has the form of a hub repository id (`name` or `org/name`)."""
+    return bool(_HUB_ID.fullmatch(source)) and "--" not in source and ".." not in source
+
+
+def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not value:
+        raise ValueError("must not be empty (a folder or a hub id)")
+
+
+def _channels(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+
+
+def _widths(_: object, attribute: attrs.Attribute[Any], value: tuple[int, ...] | None) -> None:
+    if value is None:
+        return
+    if not value:
+        raise ValueError("must list at least one width (or be null for the default)")
+    for index, width in enumerate(value):
+        if width < 1:
+            raise ValueError(f"item {index} must be at least 1, got {width}")
+
+
 @attrs.frozen
 class BaseModelConfig:
     """Which base model to train a ControlNet for, and how to load it."""
 
-    source: str
-    """A local diffusers folder or a hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`)."""
+    source: str = attrs.field(validator=_non_empty)
+    """A local diffusers folder or a hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`);
+    see `looks_local` for which is which."""
     family: FamilyName | None = None
     """`sd15`, `sd21` or `sdxl`; detected from the UNet config when not given."""
-    vae: str | None = None
+    vae: str | None = attrs.field(default=None, validator=_non_empty)
     """A separate VAE folder or hub id, e.g. an fp16-safe SDXL VAE."""
     frozen_dtype: DTypeName = "float32"
     """dtype of the frozen UNet, VAE and text encoders."""
@@ -42,11 +94,13 @@ class BaseModelConfig:
 class ControlNetConfig:
     """Where the trainable ControlNet comes from and how it is run."""
 
-    pretrained: str | None = None
+    pretrained: str | None = attrs.field(default=None, validator=_non_empty)
     """An existing ControlNet (folder or hub id) to continue training; None: new from the UNet."""
-    conditioning_channels: int = 3
+    conditioning_channels: int = attrs.field(default=3, validator=_channels)
     """Channels of the control image (a new ControlNet only)."""
-    conditioning_embedding_out_channels: tuple[int, ...] | None = None
+    conditioning_embedding_out_channels: tuple[int, ...] | None = attrs.field(
+        default=None, validator=_widths
+    )
     """Widths of the control-image encoder (a new ControlNet only; None: diffusers' default)."""
     gradient_checkpointing: bool = False
     """Recompute ControlNet activations in the backward pass (less memory, more compute)."""

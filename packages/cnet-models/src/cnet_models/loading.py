@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from cnet_models.configs import DTYPES, BaseModelConfig
+from cnet_models.configs import DTYPES, BaseModelConfig, looks_local
 from cnet_models.facade import (
     AutoencoderKL,
     CLIPTokenizer,
@@ -107,9 +107,10 @@ def load_base_model(config: BaseModelConfig) -> BaseModel:
 
 
 def _check_local_folder(source: str) -> None:
-    path = Path(source)
-    looks_local = path.is_absolute() or source.startswith(".") or path.exists()
-    if looks_local and not path.is_dir():
+    """A source that names a folder (see `looks_local`) must be one: a hub lookup of a
+    mistyped path retries for a minute and then reports a missing `config.json`."""
+    path = Path(source).expanduser()
+    if looks_local(source) and not path.is_dir():
         raise ModelFolderError(f"model folder {source} does not exist")
     if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
         raise ModelFolderError(

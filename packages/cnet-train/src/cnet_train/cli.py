@@ -1,7 +1,10 @@
 """The `cnet-train` console script: launch, config, demo, embed, export.
 
 Only argparse is imported at module level, so `cnet-train --help` is instant; each command
-imports what it needs. Config errors are reported before any model is loaded.
+imports what it needs. Every failure goes through `cnet_data.errors.run_reporting`: one
+`cnet-train COMMAND: error: ...` line (and a `hint:`), the traceback only with `--debug`. A
+config is checked, keys and values first and then against this machine (`preflight`), before
+any model, dataset or training code is imported.
 """
 
 from __future__ import annotations
@@ -14,31 +17,38 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cnet_train.config import TrainConfig
+    from cnet_train.preflight import Command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"cnet-train {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return code
+    """Run the command `argv` asks for; its exit code (2 for a bad config or bad input)."""
+    from cnet_data.errors import run_reporting
+
+    args = _parser().parse_args(argv)
+    return run_reporting(
+        f"cnet-train {args.command}", lambda: int(args.run(args)), debug=args.debug
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnet-train", description="Train ControlNets for SD 1.5, 2.1 and SDXL."
     )
+    _debug_arg(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     launch = commands.add_parser("launch", help="train as CONFIG says (resumes by default)")
     _config_args(launch)
     launch.set_defaults(run=_launch)
 
-    show = commands.add_parser("config", help="print the resolved config")
+    show = commands.add_parser("config", help="check CONFIG and print it resolved")
     _config_args(show)
+    show.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check keys, types and values only, not paths or devices (for a config "
+        "written for another machine)",
+    )
     show.set_defaults(run=_show)
 
     demo = commands.add_parser("demo", help="tiny offline end-to-end run on CPU")
@@ -56,43 +66,69 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path, help="a Lightning, DeepSpeed or FSDP checkpoint")
     export.add_argument("out", type=Path, help="folder to write controlnet/ (and controlnet_ema/)")
     export.set_defaults(run=_export)
+    for sub in (launch, show, demo, embed, export):
+        # Also after the command (`cnet-train launch run.yaml --debug`), where people type it;
+        # suppressed there so that the top-level default stands when it is not given.
+        _debug_arg(sub, argparse.SUPPRESS)
     return parser
 
 
+def _debug_arg(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="print the full traceback of an error too",
+    )
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="the run's YAML file")
+    p.add_argument(
+        "config",
+        type=Path,
+        help="the run's YAML file (its relative paths are relative to its folder)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optimizer.lr=1e-5 (repeatable)",
+        help="override a config value, e.g. --set optimizer.lr=1e-5 (repeatable; a relative "
+        "path here is relative to the current directory)",
     )
 
 
-def _load(args: argparse.Namespace) -> TrainConfig:
+def _load(args: argparse.Namespace, command: Command, *, machine: bool = True) -> TrainConfig:
+    """The checked config of `args`: keys and values, then (with `machine`) the paths and
+    devices it names, so that a bad config fails in seconds, before anything heavy loads."""
     from cnet_train.config_io import load_config
 
-    return load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
+    if machine:
+        from cnet_train.preflight import preflight
+
+        preflight(config, command, source=str(args.config), base_dir=_folder(args.config))
+    return config
+
+
+def _folder(config: Path) -> Path:
+    return Path(config).parent.absolute()
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from cnet_train.trainer import RankFailedError, fit
+    config = _load(args, "launch")
+    from cnet_train.trainer import fit
 
-    config = _load(args)
-    try:
-        fit(config)
-    except RankFailedError as exc:
-        print(f"cnet-train launch: error: {exc}", file=sys.stderr)
-        return 1
+    # A failure of this or another rank (RankFailedError, a CnetError) reaches run_reporting.
+    fit(config)
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     from cnet_train.config_io import dump_config
 
-    config = _load(args)
+    config = _load(args, "config", machine=not args.schema_only)
     print(dump_config(config), end="")
     return 0
 
@@ -105,9 +141,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    config = _load(args, "embed")
     from cnet_train.embed import embed_captions
 
-    config = _load(args)
     embed_captions(config)
     return 0
 

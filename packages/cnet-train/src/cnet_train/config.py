@@ -8,6 +8,8 @@ into these classes, with overrides, is `cnet_train.config_io`.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,13 @@ Precision = Literal["32", "bf16-mixed", "16-mixed"]
 StrategyName = Literal["auto", "ddp", "deepspeed", "fsdp"]
 
 
+SEED_MAX = 2**32 - 1
+"""Largest seed: what numpy's and Lightning's seeding accept (torch takes more, numpy not)."""
+
+Check = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+"""An attrs validator: `(instance, attribute, value)`, raising ValueError for a bad value."""
+
+
 def _positive(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name} must be at least 1, got {value}")
@@ -37,6 +46,95 @@ def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> N
 def _probability(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+def finite(*, above: float | None = None, at_least: float | None = None) -> Check:
+    """A validator of a float that must be finite (NaN and infinity reach YAML as `.nan` and
+    `.inf`, and would only show up as a NaN loss hours later) and, if given, `> above` or
+    `>= at_least`."""
+    bound = "" if above is None else f" > {above:g}"
+    bound = bound if at_least is None else f" >= {at_least:g}"
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        low_ok = (above is None or value > above) and (at_least is None or value >= at_least)
+        if not (math.isfinite(value) and low_ok):
+            raise ValueError(f"must be a finite number{bound}, got {value}")
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """`check` for a value that may also be null."""
+
+    def maybe(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            check(instance, attribute, value)
+
+    return maybe
+
+
+def at_least_int(minimum: int) -> Check:
+    """A validator of an integer that must be `>= minimum`."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+
+    return check
+
+
+def _seed(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(f"must be in [0, 2**32 - 1] (what numpy seeding takes), got {value}")
+
+
+def _betas(_: object, attribute: attrs.Attribute[Any], value: tuple[float, float]) -> None:
+    # Adam's moment decays: 1 would never forget, a negative one or above 1 diverges.
+    bad = [f"item {i} is {beta}" for i, beta in enumerate(value) if not 0.0 <= beta < 1.0]
+    if bad:
+        raise ValueError(f"each must be in [0, 1): {', '.join(bad)}")
+
+
+def _devices(_: object, attribute: attrs.Attribute[Any], value: int | str) -> None:
+    if value != "auto" and isinstance(value, int) and value < 1:
+        raise ValueError(f"must be at least 1 (or auto), got {value}")
+
+
+def _resolution(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    # The VAE downsamples by 8: the pipelines refuse other sides.
+    if value is not None and (value < 8 or value % 8):
+        raise ValueError(f"must be a positive multiple of 8, got {value}")
+
+
+def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise ValueError("must not be empty")
+
+
+def _sub_folder(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    # Joined to the dataset root: an absolute path or `..` would leave it.
+    parts = Path(value).parts
+    if not value or Path(value).is_absolute() or ".." in parts:
+        raise ValueError(f"must be a folder inside the dataset root, got {value!r}")
+
+
+FOREIGN_CHECKS: dict[type, dict[str, Check]] = {
+    SourceConfig: {
+        "image_key": _non_empty,
+        "conditioning_key": _non_empty,
+        "caption_key": _non_empty,
+        "image_dir": _sub_folder,
+        "conditioning_dir": _sub_folder,
+        "caption_suffix": _non_empty,
+    },
+    ScanConfig: {"max_pixels": at_least_int(1), "workers": at_least_int(0)},
+    AugmentConfig: {"max_pixels": at_least_int(1)},
+    EMAConfig: {"inv_gamma": finite(above=0), "power": finite(above=0)},
+}
+"""Checks of fields of the classes cnet-data and cnet-models bring, which those classes do not
+make themselves (NaN and infinity pass their `<=` comparisons, for one). The config converter
+runs them as it structures each field, like the fields' own validators, so that their errors
+carry the key path too."""
 
 
 @attrs.frozen
@@ -84,11 +182,14 @@ class OptimizerConfig:
     name: Literal["adamw", "adamw8bit"] = "adamw"
     """`adamw` (fused on CUDA) or `adamw8bit` (needs bitsandbytes); DeepSpeed strategies use
     DeepSpeed's own AdamW."""
-    lr: float = attrs.field(default=1e-5, validator=_non_negative)
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = attrs.field(default=1e-2, validator=_non_negative)
-    eps: float = 1e-8
+    lr: float = attrs.field(default=1e-5, validator=finite(above=0))
+    """Peak learning rate (finite, above 0)."""
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=_betas)
+    """Adam's decay rates of the first and second moment estimates, each in [0, 1)."""
+    weight_decay: float = attrs.field(default=1e-2, validator=finite(at_least=0))
+    """Decoupled (AdamW) weight decay, 0 or more."""
+    eps: float = attrs.field(default=1e-8, validator=finite(above=0))
+    """Added to Adam's denominator for numerical stability; above 0."""
 
 
 @attrs.frozen
@@ -105,11 +206,11 @@ class ScheduleConfig:
 class LossConfig:
     """How the diffusion loss is formed."""
 
-    min_snr_gamma: float | None = None
+    min_snr_gamma: float | None = attrs.field(default=None, validator=optional(finite(above=0)))
     """Min-SNR-gamma loss weighting (5.0 is the paper's choice); None: unweighted."""
-    noise_offset: float = attrs.field(default=0.0, validator=_non_negative)
+    noise_offset: float = attrs.field(default=0.0, validator=finite(at_least=0))
     """Add this much per-channel constant noise (helps very dark and bright images)."""
-    conditioning_scale: float = 1.0
+    conditioning_scale: float = attrs.field(default=1.0, validator=finite())
     """Scale of the ControlNet residuals during training."""
 
 
@@ -124,10 +225,22 @@ class ValidationConfig:
     images: tuple[Path, ...] = ()
     """Conditioning images, one per prompt."""
     num_inference_steps: int = attrs.field(default=20, validator=_positive)
-    guidance_scale: float = 7.5
-    resolution: int | None = None
-    """Square side of the validation images; None: the family's default resolution."""
-    seed: int = 0
+    """Denoising steps of each validation image."""
+    guidance_scale: float = attrs.field(default=7.5, validator=finite())
+    """Classifier-free guidance scale of the validation pipeline."""
+    resolution: int | None = attrs.field(default=None, validator=_resolution)
+    """Square side of the validation images (a multiple of 8); None: the family's default."""
+    seed: int = attrs.field(default=0, validator=_seed)
+    """Seed of the validation images' noise, in [0, 2**32 - 1]."""
+
+    def __attrs_post_init__(self) -> None:
+        # Checked here, not when the validation callback starts: `cnet-train config` must
+        # refuse what `launch` would refuse.
+        if len(self.prompts) != len(self.images):
+            raise ValueError(
+                f"validation.prompts has {len(self.prompts)} entries but validation.images "
+                f"has {len(self.images)}; they are paired by position"
+            )
 
 
 @attrs.frozen
@@ -147,7 +260,8 @@ class CheckpointConfig:
     every_n_steps: int = attrs.field(default=500, validator=_non_negative)
     """0: no periodic checkpoints (one is still written at the end)."""
     keep_last: int = attrs.field(default=2, validator=_positive)
-    resume: str = "auto"
+    """Checkpoints kept; older ones are deleted once a new one is complete."""
+    resume: str = attrs.field(default="auto", validator=attrs.validators.min_len(1))
     """`auto` (the newest complete checkpoint in the run directory, if any), `none`, or a path."""
 
 
@@ -169,12 +283,15 @@ class TrainerConfig:
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer state in CPU memory."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int | Literal["auto"] = "auto"
-    """Devices per node."""
+    """`gpu` (CUDA), `cpu`, or `auto`: the GPUs if CUDA has any, else the CPU."""
+    devices: int | Literal["auto"] = attrs.field(default="auto", validator=_devices)
+    """Devices per node (at least 1; no more than the machine has), or `auto`: all of them."""
     num_nodes: int = attrs.field(default=1, validator=_positive)
+    """Machines of a multi-node launch (SLURM or torchrun start one process per device)."""
     accumulate_grad_batches: int = attrs.field(default=1, validator=_positive)
-    gradient_clip_val: float | None = 1.0
-    """Clip the gradient norm to this; None: no clipping."""
+    """Micro-batches per optimizer step."""
+    gradient_clip_val: float | None = attrs.field(default=1.0, validator=optional(finite(above=0)))
+    """Clip the gradient norm to this (above 0); None: no clipping."""
     compile: bool = False
     """`torch.compile` the down, mid and up blocks of the frozen UNet and the ControlNet, each on
     its own (regional compilation), with static shapes: every bucket shape compiles its own
@@ -182,6 +299,7 @@ class TrainerConfig:
     buckets), and reuses them after. The cost is one compile per bucket shape early in the run
     (seconds per shape on the tiny models, longer for SDXL); it pays off on long runs."""
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
+    """Optimizer steps between logged scalars."""
 
     def __attrs_post_init__(self) -> None:
         if self.strategy == "deepspeed" and self.precision == "16-mixed":
@@ -198,7 +316,9 @@ class EMASettings:
     """Whether to keep an EMA of the ControlNet, and how."""
 
     enabled: bool = True
+    """Keep the EMA (and export its twin of the ControlNet)."""
     config: EMAConfig = EMAConfig()
+    """Decay, warm-up and update frequency of the EMA."""
 
 
 @attrs.frozen
@@ -206,17 +326,31 @@ class TrainConfig:
     """Everything one training run needs; one YAML file."""
 
     run_dir: Path
-    """Where checkpoints, exports, validation images, logs and the resolved config go."""
+    """Where checkpoints, exports, validation images, logs and the resolved config go (from a
+    file, a relative path is relative to the file's folder)."""
     model: BaseModelConfig
+    """The base model the ControlNet is trained for."""
     data: DataConfig
-    seed: int = 0
+    """The training data."""
+    seed: int = attrs.field(default=0, validator=_seed)
+    """Seed of everything random in training, in [0, 2**32 - 1]."""
     controlnet: ControlNetConfig = ControlNetConfig()
+    """The trainable ControlNet."""
     cache: CacheConfig = CacheConfig()
+    """The text-embedding cache."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """The optimizer."""
     schedule: ScheduleConfig = ScheduleConfig()
+    """The learning-rate schedule."""
     loss: LossConfig = LossConfig()
+    """The diffusion loss."""
     ema: EMASettings = EMASettings()
+    """The EMA of the ControlNet."""
     validation: ValidationConfig = ValidationConfig()
+    """Validation images."""
     export: ExportConfig = ExportConfig()
+    """Diffusers exports."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Resumable checkpoints."""
     trainer: TrainerConfig = TrainerConfig()
+    """Devices, strategy, precision, length."""

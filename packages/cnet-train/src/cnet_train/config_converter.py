@@ -22,6 +22,8 @@ from cattrs import Converter
 from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
+from cnet_train.config import FOREIGN_CHECKS, Check
+
 # A decimal number as text. PyYAML (YAML 1.1) reads `3e-5` and `1e4` as strings because its
 # float pattern needs a dot, so float fields accept such strings; 'nan', 'inf' and '1_0',
 # which `float()` would also take, are refused as the typos they almost certainly are.
@@ -122,7 +124,7 @@ def _structure_str(value: object, _: type) -> str:
 
 
 def _structure_path(value: object, _: type) -> Path:
-    # Kept as written: a relative path stays relative to the current directory.
+    # Kept as written here; `config_io.load_config` resolves relative paths afterwards.
     if type(value) is str and value:
         return Path(value)
     raise TypeError(f"expected a path (a non-empty string), got {shown(value)}")
@@ -199,13 +201,15 @@ def _structure_union(converter: Converter, value: object, tp: Any) -> object:
 
 def _class_hook(converter: Converter, cl: type) -> Callable[[object, type], object]:
     """cattrs' generated structure function for `cl`, with two additions: a value that is not a
-    mapping is refused by name, and each attribute's validator runs as the attribute is
+    mapping is refused by name, and each attribute's validator (and its check in
+    `FOREIGN_CHECKS`) runs as the attribute is
     structured, so that its error is collected with the attribute's path, alongside all the
     others, rather than escaping from `cl(...)` alone and without a path."""
+    extra = FOREIGN_CHECKS.get(cl, {})
     overrides = {
-        a.name: override(struct_hook=_validated(converter, a))
+        a.name: override(struct_hook=_validated(converter, a, extra.get(a.name)))
         for a in attrs.fields(cl)
-        if a.validator is not None
+        if a.validator is not None or a.name in extra
     }
     # Typed loosely: mypy cannot match `**overrides` against the generator's named flags.
     generate: Callable[..., Callable[[Mapping[str, Any], Any], object]] = make_dict_structure_fn
@@ -219,9 +223,10 @@ def _class_hook(converter: Converter, cl: type) -> Callable[[object, type], obje
     return hook
 
 
-def _validated(converter: Converter, attribute: attrs.Attribute[Any]) -> Callable[[Any, Any], Any]:
-    validator = attribute.validator
-    assert validator is not None
+def _validated(
+    converter: Converter, attribute: attrs.Attribute[Any], extra: Check | None
+) -> Callable[[Any, Any], Any]:
+    checks = [c for c in (attribute.validator, extra) if c is not None]
     # The message of a validator starts with the attribute's name (`batch_size must be...`,
     # `'update_after_step' must be...`); the path now says which attribute, so that goes.
     own_name = re.compile(rf"^(?:[\w.]*\.)?'?{re.escape(attribute.name)}'?\s+")
@@ -230,7 +235,8 @@ def _validated(converter: Converter, attribute: attrs.Attribute[Any]) -> Callabl
         result = converter.structure(value, tp)
         try:
             # No instance exists yet; the validators of config classes look at the value only.
-            validator(None, attribute, result)
+            for check in checks:
+                check(None, attribute, result)
         except (ValueError, TypeError) as exc:
             raise ValueError(own_name.sub("", str(exc))) from exc
         return result

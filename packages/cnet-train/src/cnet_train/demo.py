@@ -33,7 +33,11 @@ DEMO_SIZES = ((64, 64), (80, 48), (48, 80))
 
 
 def demo_config(out: Path, family: FamilyName, *, steps: int, samples: int) -> TrainConfig:
-    """Write the demo's model and dataset under `out`; return the config that trains on them."""
+    """Write the demo's model and dataset under `out`; return the config that trains on them.
+
+    Its paths are absolute: a config file's relative paths resolve against the file's folder,
+    and the demo's `demo.yaml` lives inside `out`."""
+    out = Path(out).absolute()
     model = write_tiny_model(family, out / "model")
     manifest = write_fill_dataset(out / "dataset", samples, sizes=DEMO_SIZES, seed=1)
     # Validation on the first samples: the demo asks whether training fitted them.

@@ -2,7 +2,9 @@
 
 The key path is checked against the attrs schema before anything is set, so that a typo names
 the path and the keys that exist there; the value is parsed as YAML (`1e-5`, `null`, `[a, b]`,
-`{enabled: false}`) and then goes through the same strict structuring as the file itself.
+`{enabled: false}`, with the same bounded reader as the file) and then goes through the same
+strict structuring as the file itself. A relative path given here is relative to the current
+directory (`config_io.load_config` resolves it so).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import attrs
 import yaml
 
 from cnet_train.config_converter import shown
+from cnet_train.config_yaml import load_yaml
 
 
 class OverrideError(ValueError):
@@ -44,10 +47,10 @@ def parse_override(item: str, schema: type) -> tuple[list[str], object]:
     keys = key.split(".")
     _check_path(keys, schema)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as exc:
         reason = str(exc).splitlines()[0]
-        raise OverrideError(f"{key}: value {raw!r} is not valid YAML ({reason})") from exc
+        raise OverrideError(f"{key}: value {shown(raw)} is not valid YAML ({reason})") from exc
     return keys, value
 
 

@@ -37,11 +37,6 @@ class ValidationCallback(AfterBatch):
         """The newest grid (on rank 0; the other ranks know its path but do not write it)."""
         self.last_step: int | None = None
         """The step of the newest validation, on every rank."""
-        if len(config.prompts) != len(config.images):
-            raise ValueError(
-                f"validation.prompts has {len(config.prompts)} entries but validation.images "
-                f"has {len(config.images)}; they are paired by position"
-            )
 
     @override
     def after_batch(

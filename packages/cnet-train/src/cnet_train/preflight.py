@@ -1,0 +1,264 @@
+"""Checks of a structured config against this filesystem and this machine, made before anything
+heavy is imported or loaded.
+
+`cnet_train.config_io` checks what the config says (keys, types, ranges) and can run anywhere.
+What it names must also be there: the dataset, the validation images, a local model folder, a
+checkpoint to resume from, a writable run directory, as many devices as it asks for. Without
+these checks each one fails only after the model has loaded (or, for a mistyped model folder,
+after a minute of hub retries), with a message that names no key. `cnet-train config`, `launch`
+and `embed` all call `preflight` first, so the first command refuses what the second would.
+
+Kept apart from structuring because a config may be built before its files exist (the tests
+write the dataset after building the config; a config may be checked on one machine and run on
+another: `cnet-train config --schema-only`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from cnet_models.configs import is_hub_id, looks_local
+from cnet_train.config import TrainConfig
+from cnet_train.config_io import ConfigError, problems_error
+
+Command = Literal["config", "launch", "embed"]
+
+PREFLIGHT_HINT = (
+    "relative paths in a config file are relative to the file's folder; those given with "
+    "--set, to the current directory"
+)
+
+
+def preflight(
+    config: TrainConfig,
+    command: Command,
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+) -> None:
+    """Raise one `ConfigError` listing every problem of `config` on this machine for `command`
+    (`config` checks what `launch` needs); return if there is none. `base_dir` is the folder
+    of the config file the paths were resolved against, if any (for the messages)."""
+    problems = [
+        *_data_problems(config, base_dir),
+        *_writable_problems("run_dir", config.run_dir),
+        *_cache_problems(config, command),
+        *_validation_problems(config, base_dir),
+        *_model_problems(config, base_dir),
+        *_resume_problems(config, base_dir),
+    ]
+    if command != "embed":  # embed's processes come from the launcher, not trainer.devices
+        problems += _device_problems(config)
+    if problems:
+        raise problems_error(source, problems, hint=PREFLIGHT_HINT)
+
+
+# --- files and folders
+
+
+def _data_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
+    """The dataset must be there, in the layout its format says, unless the index is already
+    built (then the source is not read again)."""
+    data = config.data
+    index = data.index or config.run_dir / "index"
+    if (index / "index.json").is_file():
+        return []
+    problems = [] if data.index is None else _writable_problems("data.index", data.index)
+    source = data.source
+    path = source.path
+    if not path.exists():
+        return [*problems, _missing("data.source.path", path, base_dir)]
+    layout = source.resolved_format
+    if layout == "folder":
+        if not path.is_dir():
+            return [*problems, f"data.source.path: {path} is a file, but format is folder"]
+        for key, sub in (
+            ("data.source.image_dir", source.image_dir),
+            ("data.source.conditioning_dir", source.conditioning_dir),
+        ):
+            if not (path / sub).is_dir():
+                problems.append(f"{key}: {path / sub} is not a folder")
+    elif not path.is_file():
+        problems.append(f"data.source.path: {path} is a folder, but format is {layout}")
+    return problems
+
+
+def _cache_problems(config: TrainConfig, command: Command) -> list[str]:
+    """`embed` writes the cache; `launch` reads it, so it must have been built."""
+    path = config.cache.path
+    if path is None:
+        return []
+    if command == "embed":
+        return _writable_problems("cache.path", path)
+    if path.is_dir():
+        return []
+    return [
+        f"cache.path: {path} does not exist; build it first with `cnet-train embed CONFIG`, "
+        "or set cache.path to null to encode captions in the training step"
+    ]
+
+
+def _validation_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
+    problems = []
+    for i, image in enumerate(config.validation.images):
+        key = f"validation.images[{i}]"
+        if not image.exists():
+            problems.append(_missing(key, image, base_dir))
+        elif not image.is_file():
+            problems.append(f"{key}: {image} is a folder, not an image")
+    return problems
+
+
+def _model_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
+    """Local folders must exist (and look like what they are meant to be); anything else must
+    have the form of a hub id."""
+    model = config.model
+    sources = [
+        ("model.source", model.source, _is_diffusers_folder),
+        ("model.vae", model.vae, _has_config),
+        ("controlnet.pretrained", config.controlnet.pretrained, _has_config),
+    ]
+    return [
+        problem
+        for key, source, complete in sources
+        if source is not None
+        for problem in _source_problems(key, source, complete, base_dir)
+    ]
+
+
+def _source_problems(
+    key: str, source: str, complete: Callable[[Path], str], base_dir: Path | None
+) -> list[str]:
+    path = Path(source).expanduser()
+    if _ambiguous(path, base_dir):
+        return [
+            f"{key}: {source!r} is no folder next to the config file ({base_dir}), so it reads "
+            "as a hub id, but a folder of that name exists under the current directory; write "
+            "its path relative to the file's folder (starting with ./ or ../), or an absolute one"
+        ]
+    if looks_local(source):
+        if not path.exists():
+            return [_missing(key, path, base_dir) + " (a local folder: no hub lookup is made)"]
+        if not path.is_dir():
+            return [f"{key}: {path} is a file, not a model folder"]
+        lacking = complete(path)
+        return [f"{key}: {path} {lacking}"] if lacking else []
+    if not is_hub_id(source):
+        return [f"{key}: {source!r} is neither an existing folder nor a hub id (org/name)"]
+    return []
+
+
+def _ambiguous(path: Path, base_dir: Path | None) -> bool:
+    """Whether a source left relative (read from the file as a hub id: nothing of that name
+    next to it) names a folder under the current directory, which loading would then take."""
+    if base_dir is None or path.is_absolute() or base_dir == Path.cwd():
+        return False
+    return path.exists()
+
+
+def _is_diffusers_folder(path: Path) -> str:
+    if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+        return ""
+    return "is not a diffusers model folder (no model_index.json and no unet/)"
+
+
+def _has_config(path: Path) -> str:
+    return "" if (path / "config.json").is_file() else "is not a diffusers folder (no config.json)"
+
+
+def _resume_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
+    resume = config.checkpoint.resume
+    if resume in ("auto", "none") or Path(resume).expanduser().exists():
+        return []
+    return [_missing("checkpoint.resume", Path(resume), base_dir) + " (or use auto or none)"]
+
+
+def _missing(key: str, path: Path, base_dir: Path | None) -> str:
+    """`KEY: PATH does not exist`, and, when the path came from a config file and its relative
+    form exists under the current directory instead, why (the rule before was the current
+    directory)."""
+    message = f"{key}: {path} does not exist"
+    if base_dir is None or base_dir == Path.cwd():
+        return message
+    try:
+        relative = path.relative_to(base_dir)
+    except ValueError:
+        return message
+    if (Path.cwd() / relative).exists():
+        message += (
+            f" ({relative} exists under the current directory, but a relative path in a "
+            f"config file is relative to the file's folder, {base_dir})"
+        )
+    return message
+
+
+def _writable_problems(key: str, path: Path) -> list[str]:
+    """`path` is, or can become, a folder this process writes in."""
+    if path.exists():
+        if not path.is_dir():
+            return [f"{key}: {path} is a file, not a folder"]
+        return [] if os.access(path, os.W_OK | os.X_OK) else [f"{key}: {path} is not writable"]
+    parent = _existing_ancestor(path)
+    if not parent.is_dir():
+        return [f"{key}: cannot create {path}: {parent} is a file"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{key}: cannot create {path}: {parent} is not writable"]
+    return []
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in (path, *path.absolute().parents):
+        if parent.exists():
+            return parent
+    return Path(path.absolute().anchor)
+
+
+# --- devices
+
+
+def _device_problems(config: TrainConfig) -> list[str]:
+    """No more devices per node than this machine has: 64 CPU processes on two cores start
+    (18 GB of them) and never take a step; too many GPUs fail deep inside the launcher."""
+    trainer = config.trainer
+    devices = trainer.devices
+    if devices == "auto":
+        return []
+    accelerator = trainer.accelerator
+    gpus = _cuda_devices()
+    if accelerator == "auto":
+        accelerator = "gpu" if gpus else "cpu"
+    if accelerator == "cpu":
+        cores = _cpu_cores()
+        if devices > cores:
+            return [
+                f"trainer.devices: {devices} CPU processes asked for, but this machine has "
+                f"{cores} CPU core{'s' if cores != 1 else ''}; use at most {cores}, or auto"
+            ]
+        return []
+    if devices > gpus:
+        return [
+            f"trainer.devices: {devices} GPUs asked for, but this machine has {gpus} visible "
+            "CUDA device" + ("s" if gpus != 1 else "") + " (check CUDA_VISIBLE_DEVICES)"
+        ]
+    return []
+
+
+def _cpu_cores() -> int:
+    """The cores this process may run on (a container or a scheduler may allow fewer than
+    the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _cuda_devices() -> int:
+    """Visible CUDA devices; counting them does not create a CUDA context."""
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+__all__ = ["PREFLIGHT_HINT", "Command", "ConfigError", "preflight"]
