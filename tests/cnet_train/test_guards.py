@@ -12,6 +12,7 @@ import attrs
 import pytest
 import torch
 
+from cnet_data.outdir import OutputPathError
 from cnet_train.callbacks import export as export_module
 from cnet_train.callbacks.guard import NonFiniteLossError
 from cnet_train.checkpointing import DurableCheckpointIO
@@ -153,3 +154,17 @@ def test_a_full_disk_during_an_export_keeps_the_previous_export(
         fit(config, enable_progress_bar=False)
     exports = config.run_dir / "exports"
     assert [p.name for p in exports.iterdir()] == ["step-00000002"]
+
+
+def test_a_data_index_folder_that_is_not_an_index_is_refused_and_kept(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("x")
+    config = make_config("sd15", steps=1, validation=ValidationConfig())
+    config = attrs.evolve(config, data=attrs.evolve(config.data, index=folder))
+    with pytest.raises(OutputPathError, match=r"mine is a folder that is not a cnet-data index"):
+        fit(config, enable_progress_bar=False)
+    assert [p.name for p in folder.iterdir()] == ["precious.txt"]
+    assert (folder / "precious.txt").read_text() == "x"
