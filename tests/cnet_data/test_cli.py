@@ -25,6 +25,18 @@ def test_help_does_not_import_heavy_modules() -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("command", ["index", "check", "buckets"])
+def test_help_states_the_config_and_its_precedence(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--config RUN.yaml" in text
+    assert "a flag given on the command line wins over --config RUN.yaml" in text
+    assert "sd15 512x512" in text
+
+
 def test_index_then_buckets(
     tmp_path: Path, fill_manifest: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -48,6 +48,23 @@ class BucketConfig:
                 f"({self.min_side}x{self.min_side})"
             )
 
+    @classmethod
+    def for_resolution(cls, resolution: int, step: int = 64) -> BucketConfig:
+        """Buckets for a model trained at `resolution` x `resolution`: that area, sides from
+        half the resolution to twice it (rounded down to `step`). For 1024 this is the class's
+        own default (SDXL's); the example configs use it for 512 (SD 1.5) and 768 (SD 2.1)."""
+        if resolution < step:
+            raise ValueError(f"resolution {resolution} is smaller than the step {step}")
+        min_side = max(step, resolution // 2 // step * step)
+        max_side = 2 * resolution // step * step
+        return cls(area=resolution * resolution, min_side=min_side, max_side=max_side, step=step)
+
+
+FAMILY_RESOLUTIONS = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+"""Side of the square resolution each model family's base model was trained at (what
+`cnet_models.families.Family.default_resolution` says; cnet-data cannot import it). SD 2.1 also
+comes as a 512 variant, told apart by its UNet's `sample_size` (64 latents, not 96)."""
+
 
 @attrs.frozen
 class Bucket:
