@@ -371,14 +371,15 @@ def test_devices_are_checked_against_the_machine(
         return attrs.evolve(config, trainer=trainer)
 
     preflight(devices("cpu", 2), "launch")
-    preflight(devices("gpu", "auto"), "launch")
     (problem,) = _preflight_problems(devices("auto", 3))  # no CUDA: the CPU
     assert problem == (
         "trainer.devices: 3 CPU processes asked for, but this machine has 2 CPU cores; "
         "use at most 2, or auto"
     )
-    (problem,) = _preflight_problems(devices("gpu", 1))
-    assert problem.startswith("trainer.devices: 1 GPUs asked for, but this machine has 0")
+    # No CUDA: the accelerator itself is refused, by its key, whatever the device count.
+    for gpu in (devices("gpu", 1), devices("gpu", "auto")):
+        (problem,) = _preflight_problems(gpu)
+        assert problem.startswith("trainer.accelerator: gpu asked for, but this machine has no")
     preflight(devices("cpu", 64), "embed")  # embed's processes come from its launcher
     monkeypatch.setattr(preflight_module, "_cuda_devices", lambda: 8)
     preflight(devices("auto", 8), "launch")

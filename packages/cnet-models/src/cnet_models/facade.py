@@ -8,10 +8,14 @@ handles `BaseOutput` objects, `return_dict` flags or `Any`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+# isort: split
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.controlnets.controlnet import ControlNetModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -151,10 +155,11 @@ def load_text_encoder(
 ) -> TextEncoder:
     """SDXL's second encoder carries the projection whose output is the pooled embedding."""
     encoder: TextEncoder
-    if with_projection:
-        encoder = load_component(CLIPTextModelWithProjection, source, subfolder, **kwargs)
-    else:
-        encoder = load_component(CLIPTextModel, source, subfolder, **kwargs)
+    with _no_weight_loading_bar():
+        if with_projection:
+            encoder = load_component(CLIPTextModelWithProjection, source, subfolder, **kwargs)
+        else:
+            encoder = load_component(CLIPTextModel, source, subfolder, **kwargs)
     return encoder
 
 
@@ -264,3 +269,19 @@ def text_encoder_outputs(
 
 def uses_attention_mask(encoder: TextEncoder) -> bool:
     return bool(getattr(encoder.config, "use_attention_mask", False))
+
+
+@contextlib.contextmanager
+def _no_weight_loading_bar() -> Iterator[None]:
+    """transformers' progress bars off inside the block, as they were after it: its "Loading
+    weights" bar over a text encoder's tensors is done in a moment and repeats once per encoder
+    at every launch (downloads keep their own bars: those are huggingface_hub's)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]

@@ -15,6 +15,11 @@ import attrs
 FamilyName = Literal["sd15", "sd21", "sdxl"]
 FAMILY_NAMES: tuple[FamilyName, ...] = ("sd15", "sd21", "sdxl")
 
+UnconditionalChoice = Literal["auto", "empty_prompt", "zeros"]
+"""What stands in for a dropped caption (and for the unconditional input at validation):
+`auto` is what the family's pipeline does at inference (`zeros_for_empty_prompt`), the other
+two force the encoded empty prompt or all-zero embeddings."""
+
 
 @attrs.frozen
 class Family:
@@ -38,6 +43,12 @@ class Family:
     """The diffusers text-to-image pipeline class of the family."""
     controlnet_pipeline: str
     """The diffusers ControlNet pipeline class of the family."""
+    zeros_for_empty_prompt: bool | None
+    """What the family's pipeline feeds as the unconditional input of classifier-free guidance
+    when no negative prompt is given. None: the pipeline has no choice, it encodes the empty
+    prompt (SD 1.x / 2.x). True or False: the default of the pipeline's
+    `force_zeros_for_empty_prompt` (SDXL: True, all-zero embeddings, pooled too), which a model
+    folder's `model_index.json` may set otherwise (see `zeros_for_empty_prompt`)."""
 
 
 FAMILIES: Mapping[FamilyName, Family] = {
@@ -51,6 +62,7 @@ FAMILIES: Mapping[FamilyName, Family] = {
         upcast_attention_in_half=False,
         pipeline="StableDiffusionPipeline",
         controlnet_pipeline="StableDiffusionControlNetPipeline",
+        zeros_for_empty_prompt=None,
     ),
     "sd21": Family(
         name="sd21",
@@ -62,6 +74,7 @@ FAMILIES: Mapping[FamilyName, Family] = {
         upcast_attention_in_half=True,
         pipeline="StableDiffusionPipeline",
         controlnet_pipeline="StableDiffusionControlNetPipeline",
+        zeros_for_empty_prompt=None,
     ),
     "sdxl": Family(
         name="sdxl",
@@ -73,6 +86,7 @@ FAMILIES: Mapping[FamilyName, Family] = {
         upcast_attention_in_half=False,
         pipeline="StableDiffusionXLPipeline",
         controlnet_pipeline="StableDiffusionXLControlNetPipeline",
+        zeros_for_empty_prompt=True,
     ),
 }
 
@@ -106,3 +120,26 @@ def family_by_name(name: str) -> Family:
             f"unknown model family {name!r}; expected one of {', '.join(FAMILY_NAMES)}"
         )
     return FAMILIES[name]  # type: ignore[index]
+
+
+def zeros_for_empty_prompt(family: Family, model_index: Mapping[str, Any] | None) -> bool:
+    """Whether the family's pipeline, loaded from a folder with this `model_index.json` (None:
+    none could be read), conditions the unconditional branch of CFG on all-zero embeddings.
+
+    The folder's `force_zeros_for_empty_prompt` counts only where the pipeline reads it (SDXL);
+    the SD 1.x / 2.x pipelines always encode the empty prompt, whatever the folder says.
+    """
+    default = family.zeros_for_empty_prompt
+    if default is None:
+        return False
+    stored = (model_index or {}).get("force_zeros_for_empty_prompt")
+    return default if stored is None else bool(stored)
+
+
+def unconditional_zeros(
+    choice: UnconditionalChoice, family: Family, model_index: Mapping[str, Any] | None
+) -> bool:
+    """Whether `choice` means all-zero embeddings for this family and folder."""
+    if choice == "auto":
+        return zeros_for_empty_prompt(family, model_index)
+    return choice == "zeros"

@@ -37,6 +37,18 @@ class PromptEmbeddings:
     """(batch, projection width), SDXL only: the `text_embeds` of the added conditioning."""
 
 
+def zero_rows(text: PromptEmbeddings, rows: torch.Tensor) -> PromptEmbeddings:
+    """`text` with the samples where the boolean `rows` is set replaced by zeros (out of
+    place: cached embeddings may be views of a read-only memory map)."""
+
+    def zeroed(tensor: torch.Tensor) -> torch.Tensor:
+        mask = rows.to(tensor.device).view(-1, *([1] * (tensor.ndim - 1)))
+        return torch.where(mask, torch.zeros((), dtype=tensor.dtype, device=tensor.device), tensor)
+
+    pooled = text.pooled_prompt_embeds
+    return PromptEmbeddings(zeroed(text.prompt_embeds), None if pooled is None else zeroed(pooled))
+
+
 class PromptEncoder:
     """Encodes prompts for one family with its tokenizers and (frozen) text encoders."""
 
@@ -63,11 +75,18 @@ class PromptEncoder:
         return self.text_encoders[0].device
 
     def empty_prompt(self) -> PromptEmbeddings:
-        """The embedding of "" (batch of one): what caption dropout swaps in, as the diffusers
-        training scripts do, rather than zeros."""
+        """The embedding of "" (batch of one): the unconditional input of the SD 1.x / 2.x
+        pipelines, and what the diffusers training scripts drop captions to."""
         if self._empty is None:
             self._empty = self.encode([""])
         return self._empty
+
+    def unconditional(self, zeros: bool) -> PromptEmbeddings:
+        """The unconditional input (batch of one): the empty prompt's embedding, or all-zero
+        embeddings of its shapes and dtypes (pooled too), as SDXL's pipelines feed with
+        `force_zeros_for_empty_prompt`."""
+        empty = self.empty_prompt()
+        return zero_rows(empty, torch.ones(1, dtype=torch.bool)) if zeros else empty
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> PromptEmbeddings:

@@ -110,7 +110,8 @@ class CheckpointCallback(AfterBatch):
             self.directory.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("cnet-checkpoint-begin")
         try:
-            trainer.save_checkpoint(partial)
+            # Full state (optimizer, loops, callbacks): said, so Lightning does not log it.
+            trainer.save_checkpoint(partial, weights_only=False)
             if trainer.is_global_zero:
                 durable.commit(partial, final)
         except OSError as exc:

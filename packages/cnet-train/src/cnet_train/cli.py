@@ -1,4 +1,4 @@
-"""The `cnet-train` console script: launch, config, demo, embed, export.
+"""The `cnet-train` console script: launch, config, demo, embed, export, evaluate.
 
 Only argparse is imported at module level, so `cnet-train --help` is instant; each command
 imports what it needs. Every failure goes through `cnet_data.errors.run_reporting`: one
@@ -66,7 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path, help="a Lightning, DeepSpeed or FSDP checkpoint")
     export.add_argument("out", type=Path, help="folder to write controlnet/ (and controlnet_ema/)")
     export.set_defaults(run=_export)
-    for sub in (launch, show, demo, embed, export):
+
+    evaluate = commands.add_parser(
+        "evaluate", help="control gain of an export or checkpoint, overall and by timestep"
+    )
+    _config_args(evaluate)
+    evaluate.add_argument(
+        "weights",
+        type=Path,
+        help="an export (RUN_DIR/exports/step-N, or its controlnet/ or controlnet_ema/) or a "
+        "checkpoint of any strategy",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    evaluate.set_defaults(run=_evaluate)
+    for sub in (launch, show, demo, embed, export, evaluate):
         # Also after the command (`cnet-train launch run.yaml --debug`), where people type it;
         # suppressed there so that the top-level default stands when it is not given.
         _debug_arg(sub, argparse.SUPPRESS)
@@ -153,6 +166,14 @@ def _export(args: argparse.Namespace) -> int:
 
     for path in export_checkpoint(args.checkpoint, args.out):
         print(path)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    config = _load(args, "launch")
+    from cnet_train.evaluate import evaluate, report
+
+    print(report(evaluate(config, args.weights), args.weights, as_json=args.json))
     return 0
 
 

@@ -21,6 +21,9 @@ from cnet_data.scan import ScanConfig
 from cnet_data.sources import SourceConfig
 from cnet_models.configs import BaseModelConfig, ControlNetConfig
 from cnet_models.ema import EMAConfig
+from cnet_models.families import UnconditionalChoice
+from cnet_train.control_gain import ControlGainConfig
+from cnet_train.loggers import LoggerConfig
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 StrategyName = Literal["auto", "ddp", "deepspeed", "fsdp"]
@@ -161,8 +164,13 @@ class DataConfig:
     pin_memory: bool = True
     """Page-locked host memory for faster copies to the GPU (ignored on CPU)."""
     caption_dropout: float = attrs.field(default=0.05, validator=_probability)
-    """Chance, drawn at every step for every sample, that its caption is replaced by the empty
-    prompt: what classifier-free guidance needs at inference."""
+    """Chance, drawn at every step for every sample, that its caption is dropped (see
+    `caption_dropout_embedding`): what classifier-free guidance needs at inference."""
+    caption_dropout_embedding: UnconditionalChoice = "auto"
+    """What a dropped caption becomes, and what validation renders unconditioned with: `auto`
+    (what the family's pipeline feeds at inference: all-zero embeddings for SDXL, as its
+    `force_zeros_for_empty_prompt` says, the encoded empty prompt for SD 1.5 / 2.1),
+    `empty_prompt` (as diffusers' training scripts do) or `zeros`."""
 
 
 @attrs.frozen
@@ -229,7 +237,9 @@ class ValidationConfig:
     guidance_scale: float = attrs.field(default=7.5, validator=finite())
     """Classifier-free guidance scale of the validation pipeline."""
     resolution: int | None = attrs.field(default=None, validator=_resolution)
-    """Square side of the validation images (a multiple of 8); None: the family's default."""
+    """Size of the validation images as the side of a square of the same area (a multiple of
+    8): each image keeps its conditioning image's aspect, at the nearest `data.buckets` shape
+    scaled to about this side squared pixels; None: the `data.buckets` shapes as they are."""
     seed: int = attrs.field(default=0, validator=_seed)
     """Seed of the validation images' noise, in [0, 2**32 - 1]."""
 
@@ -354,3 +364,7 @@ class TrainConfig:
     """Resumable checkpoints."""
     trainer: TrainerConfig = TrainerConfig()
     """Devices, strategy, precision, length."""
+    logger: LoggerConfig = LoggerConfig()
+    """Where scalars and validation images are logged: TensorBoard, CSV, wandb or MLflow."""
+    control_gain: ControlGainConfig = ControlGainConfig()
+    """The control gain (does the ControlNet use its condition?) measured at each validation."""

@@ -143,6 +143,11 @@ def _structure_literal(value: object, tp: Any) -> object:
     for option in allowed:
         if type(value) is type(option) and value == option:
             return option
+    # A string option that is an integer's text takes that integer: YAML (and `--set`) read
+    # `precision: 32` as the number 32, and quoting it twice is no one's idea of a config.
+    # The other way round stays refused: `deepspeed_stage: "2"` is a quoting mistake.
+    if type(value) is int and str(value) in allowed:
+        return str(value)
     hint = ""
     if any(str(option) == str(value) for option in allowed):
         hint = " (a number and a string differ here: check the quotes)"

@@ -14,7 +14,12 @@ from typing import Any
 import torch
 
 from cnet_models.atomic import replace_dir_atomically
-from cnet_models.ema import PARTITION_KEY, ExponentialMovingAverage, merge_partition_states
+from cnet_models.ema import (
+    PARTITION_KEY,
+    EMAConfig,
+    ExponentialMovingAverage,
+    merge_partition_states,
+)
 from cnet_models.ema_export import export_ema_controlnet
 from cnet_models.facade import ControlNetModel, checked
 
@@ -119,8 +124,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
     )
     ema_state = state.get("callbacks", {}).get(EMA_STATE_KEY)
     if ema_state:
-        ema = ExponentialMovingAverage(controlnet)
-        ema.load_state_dict(ema_state)
+        ema = _saved_ema(controlnet, ema_state)
         written.append(export_ema_controlnet(ema, controlnet, Path(out) / "controlnet_ema"))
     return written
 
@@ -145,3 +149,38 @@ def _controlnet(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> Con
             f"unexpected {unexpected[:5]}"
         )
     return controlnet
+
+
+def checkpoint_controlnets(checkpoint: Path) -> dict[str, ControlNetModel]:
+    """The ControlNet of `checkpoint` in memory, as `controlnet` and, when the run kept an EMA,
+    `controlnet_ema` (the names of the export folders): what `export_checkpoint` would write."""
+    state = load_checkpoint(Path(checkpoint))
+    config = state.get(CONTROLNET_CONFIG_KEY)
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{checkpoint} holds no ControlNet config ({CONTROLNET_CONFIG_KEY}); "
+            "is it a cnet-train checkpoint?"
+        )
+    controlnet = _controlnet(config, _controlnet_weights(state, checkpoint))
+    found = {"controlnet": controlnet}
+    ema_state = state.get("callbacks", {}).get(EMA_STATE_KEY)
+    if ema_state:
+        averaged = _controlnet(config, controlnet.state_dict())
+        ema = _saved_ema(averaged, ema_state)
+        ema.copy_to(averaged)
+        found["controlnet_ema"] = averaged
+    return found
+
+
+def _saved_ema(module: ControlNetModel, state: dict[str, Any]) -> ExponentialMovingAverage:
+    """The EMA of `state` over `module`, with the config it was trained with (recorded in the
+    state): built with the default config, loading it would warn on every export that the
+    configs differ, which is no concern of an export (it only reads the averaged weights)."""
+    saved = state.get("config")
+    try:
+        config = EMAConfig(**saved) if isinstance(saved, dict) else None
+    except (TypeError, ValueError):  # another version's fields: loading says how it differs
+        config = None
+    ema = ExponentialMovingAverage(module, config)
+    ema.load_state_dict(state)
+    return ema

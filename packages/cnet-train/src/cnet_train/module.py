@@ -35,7 +35,8 @@ from cnet_models.controlled import AddedConditioning, ControlledUNet, make_contr
 from cnet_models.facade import AutoencoderKL, UNet2DConditionModel, vae_encode_mean_and_sample
 from cnet_models.loading import BaseModel, load_base_model
 from cnet_models.noise import NoiseSchedule
-from cnet_models.text import PromptEmbeddings
+from cnet_models.pipelines import unconditional_is_zeros
+from cnet_models.text import PromptEmbeddings, zero_rows
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import config_to_dict
 from cnet_train.data import ControlNetDataModule
@@ -61,6 +62,11 @@ class ControlNetModule(L.LightningModule):
         self.prompt_encoder = base.prompt_encoder()
         self.vae_scaling_factor = base.vae_scaling_factor
         self.cache: EmbeddingCache | None = None
+        self.zero_unconditional = unconditional_is_zeros(
+            config.data.caption_dropout_embedding, base.family, config.model
+        )
+        """Dropped captions become all-zero embeddings, else the empty prompt's: by default
+        what the family's pipeline feeds unconditioned at inference (validation renders so)."""
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -224,15 +230,24 @@ class ControlNetModule(L.LightningModule):
         return latents.float() * self.vae_scaling_factor
 
     def condition(self, batch: Batch, g: torch.Generator) -> PromptEmbeddings:
-        """Text conditioning, with captions dropped (drawn now, at every step) for CFG."""
+        """Text conditioning, with captions dropped (drawn now, at every step) for CFG: to the
+        empty prompt's embedding, or to zeros of the same shapes (`zero_unconditional`)."""
         captions = list(batch["caption"])
         drop = torch.rand(len(captions), generator=g, device=self.device)
-        dropped = (drop < self.config.data.caption_dropout).tolist()
+        dropped = drop < self.config.data.caption_dropout
         if self.cache is None:
-            kept = ["" if d else c for c, d in zip(captions, dropped, strict=True)]
-            return self.prompt_encoder.encode(kept)
+            kept = ["" if d else c for c, d in zip(captions, dropped.tolist(), strict=True)]
+            text = self.prompt_encoder.encode(kept)
+        else:
+            text = self._cached_condition(self.cache, batch, dropped.tolist())
+        return zero_rows(text, dropped) if self.zero_unconditional else text
+
+    def _cached_condition(
+        self, cache: EmbeddingCache, batch: Batch, dropped: list[bool]
+    ) -> PromptEmbeddings:
+        """The cached embeddings of the batch's captions, the empty prompt's where dropped."""
         keys = [_EMPTY_KEY if d else k for k, d in zip(batch["caption_key"], dropped, strict=True)]
-        stored = self.cache.get_many(keys)
+        stored = cache.get_many(keys)
         dtype = self.unet.dtype
         pooled = stored.get("pooled_prompt_embeds")
         return PromptEmbeddings(

@@ -26,6 +26,11 @@ from cnet_train.config_io import ConfigError, problems_error
 
 Command = Literal["config", "launch", "embed"]
 
+DEVICE_HINT = (
+    "the trainer section is checked against the machine it runs on; check a config written "
+    "for another machine with `cnet-train config --schema-only`"
+)
+
 PREFLIGHT_HINT = (
     "relative paths in a config file are relative to the file's folder; those given with "
     "--set, to the current directory"
@@ -50,10 +55,11 @@ def preflight(
         *_model_problems(config, base_dir),
         *_resume_problems(config, base_dir),
     ]
-    if command != "embed":  # embed's processes come from the launcher, not trainer.devices
-        problems += _device_problems(config)
-    if problems:
-        raise problems_error(source, problems, hint=PREFLIGHT_HINT)
+    # embed's processes come from the launcher, not trainer.devices
+    devices = _device_problems(config) if command != "embed" else []
+    if problems or devices:
+        hint = PREFLIGHT_HINT if problems else DEVICE_HINT
+        raise problems_error(source, [*problems, *devices], hint=hint)
 
 
 # --- files and folders
@@ -220,30 +226,67 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _device_problems(config: TrainConfig) -> list[str]:
-    """No more devices per node than this machine has: 64 CPU processes on two cores start
-    (18 GB of them) and never take a step; too many GPUs fail deep inside the launcher."""
+    """What the trainer section asks of this machine's devices, checked against what it has:
+    Lightning's own refusals come late and name no key ("No supported gpu backend found!"),
+    and too many CPU processes start (64 on two cores take 18 GB) and never take a step."""
     trainer = config.trainer
+    gpus = _cuda_devices()
+    if trainer.accelerator == "gpu" and not gpus:
+        return [
+            f"trainer.accelerator: gpu asked for, but {_machine(gpus)}; set "
+            "trainer.accelerator to cpu (or auto) to train on the CPU, e.g. "
+            "--set trainer.accelerator=cpu"
+        ]
+    on_gpu = trainer.accelerator == "gpu" or (trainer.accelerator == "auto" and gpus > 0)
+    problems = [] if on_gpu else _cpu_precision_problems(config, gpus)
     devices = trainer.devices
     if devices == "auto":
-        return []
-    accelerator = trainer.accelerator
-    gpus = _cuda_devices()
-    if accelerator == "auto":
-        accelerator = "gpu" if gpus else "cpu"
-    if accelerator == "cpu":
+        return problems
+    if not on_gpu:
         cores = _cpu_cores()
         if devices > cores:
-            return [
+            problems.append(
                 f"trainer.devices: {devices} CPU processes asked for, but this machine has "
                 f"{cores} CPU core{'s' if cores != 1 else ''}; use at most {cores}, or auto"
-            ]
-        return []
-    if devices > gpus:
-        return [
+            )
+    elif devices > gpus:
+        problems.append(
             f"trainer.devices: {devices} GPUs asked for, but this machine has {gpus} visible "
-            "CUDA device" + ("s" if gpus != 1 else "") + " (check CUDA_VISIBLE_DEVICES)"
-        ]
-    return []
+            "CUDA device" + ("s" if gpus != 1 else "") + " (check CUDA_VISIBLE_DEVICES); "
+            f"use at most {gpus}, or auto"
+        )
+    return problems
+
+
+def _cpu_precision_problems(config: TrainConfig, gpus: int) -> list[str]:
+    """float16 autocast exists on CUDA only (Lightning refuses `16-mixed` on the CPU);
+    bfloat16 autocast runs on the CPU, slowly, so `bf16-mixed` is allowed there."""
+    if config.trainer.precision != "16-mixed":
+        return []
+    where = "trainer.accelerator is cpu" if config.trainer.accelerator == "cpu" else _machine(gpus)
+    return [
+        f"trainer.precision: 16-mixed needs a CUDA GPU, but {where}; set trainer.precision "
+        "to 32 or bf16-mixed to train on the CPU, e.g. --set trainer.precision=32"
+    ]
+
+
+def _machine(gpus: int) -> str:
+    """What this machine has, for a message: its visible CUDA devices and CPU cores."""
+    import torch
+
+    cores = _cpu_cores()
+    cpus = f"{cores} CPU core{'s' if cores != 1 else ''}"
+    if gpus:
+        return f"this machine has {gpus} CUDA device{'s' if gpus != 1 else ''} and {cpus}"
+    if torch.version.cuda is None:
+        return (
+            f"this machine has no CUDA GPU (torch {torch.__version__} is built without CUDA) "
+            f"and {cpus}"
+        )
+    return (
+        f"this machine has no visible CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES) "
+        f"and {cpus}"
+    )
 
 
 def _cpu_cores() -> int:
@@ -261,4 +304,4 @@ def _cuda_devices() -> int:
     return int(torch.cuda.device_count())
 
 
-__all__ = ["PREFLIGHT_HINT", "Command", "ConfigError", "preflight"]
+__all__ = ["DEVICE_HINT", "PREFLIGHT_HINT", "Command", "ConfigError", "preflight"]

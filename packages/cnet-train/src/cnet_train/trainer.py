@@ -10,13 +10,14 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from cnet_models.loading import BaseModel
+from cnet_train.callbacks.control_gain import ControlGainCallback
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.export import ExportCallback
 from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.callbacks.history import LossHistory
+from cnet_train.callbacks.progress import StepProgressBar
 from cnet_train.callbacks.throughput import ThroughputLogger
 from cnet_train.callbacks.validation import ValidationCallback
 from cnet_train.checkpointing import CheckpointCallback, DurableCheckpointIO
@@ -25,9 +26,12 @@ from cnet_train.config_io import write_resolved_config
 from cnet_train.data import ControlNetDataModule
 from cnet_train.errors import PreemptedError, RankFailedError
 from cnet_train.finishing import resume_finishes_the_run
+from cnet_train.loggers import build_logger
 from cnet_train.module import ControlNetModule
+from cnet_train.quiet import silence_expected_notices
 from cnet_train.resume import ResumeAgreement, checkpoint_dir, resume_path
 from cnet_train.strategies import build_strategy, lightning_precision
+from cnet_train.summary import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +60,10 @@ def build_callbacks(config: TrainConfig, resume_from: Path | None = None) -> lis
     if config.ema.enabled:
         callbacks.append(EMACallback(config.ema.config))
     callbacks.append(ExportCallback(config.run_dir, config.export))
-    callbacks.append(ValidationCallback(config.run_dir, config.validation))
+    callbacks.append(ValidationCallback(config.run_dir, config.validation, config.data.buckets))
+    callbacks.append(ControlGainCallback(config))
     callbacks.append(LossHistory(config.run_dir))
+    callbacks.append(RunSummary(config))  # prints; its end summary comes in on_fit_end
     callbacks.append(CheckpointCallback(checkpoint_dir(config), config.checkpoint))
     return callbacks
 
@@ -69,8 +75,14 @@ def build_trainer(
     resume_from: Path | None = None,
     **overrides: Any,
 ) -> L.Trainer:
-    """A Trainer as `config` says; `overrides` replace Trainer arguments (tests, tools)."""
+    """A Trainer as `config` says; `overrides` replace Trainer arguments (tests, tools).
+
+    The progress bar is cnet's step bar unless `enable_progress_bar=False` is given."""
     t = config.trainer
+    silence_expected_notices()
+    progress: list[L.Callback] = (
+        [StepProgressBar()] if overrides.get("enable_progress_bar", True) else []
+    )
     options: dict[str, Any] = {
         "max_steps": t.max_steps,
         "max_epochs": -1,
@@ -82,11 +94,11 @@ def build_trainer(
         "accumulate_grad_batches": t.accumulate_grad_batches,
         "gradient_clip_val": t.gradient_clip_val,
         "log_every_n_steps": t.log_every_n_steps,
-        "callbacks": [*build_callbacks(config, resume_from), *callbacks_extra],
+        "callbacks": [*build_callbacks(config, resume_from), *callbacks_extra, *progress],
         "plugins": [DurableCheckpointIO()],
         # cnet's CheckpointCallback writes every checkpoint; Lightning's would write its own.
         "enable_checkpointing": False,
-        "logger": TensorBoardLogger(save_dir=str(config.run_dir), name="logs", version=""),
+        "logger": build_logger(config),
         "default_root_dir": str(config.run_dir),
         # The bucket sampler is rank-aware by itself; Lightning must not wrap it.
         "use_distributed_sampler": False,

@@ -7,6 +7,12 @@ then drops) and every rank gathers exactly once per validation: a sharded Contro
 ZeRO-3) gathers its weights in every forward, so unequal work would be a collective mismatch.
 Every rank also remembers the step it validated, so the end of training skips (or repeats) the
 validation on all ranks alike.
+
+Each image is generated at the bucket training would use for its conditioning image (the
+nearest in aspect ratio in the table of `data.buckets`, scaled to `validation.resolution`
+squared pixels when that is set), and the conditioning image is centre-cropped to that
+bucket, as the validation crop of the dataset does: nothing is squeezed to a square. The grid
+shows each conditioning image above its result, with the prompt written under them.
 """
 
 from __future__ import annotations
@@ -18,21 +24,28 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from typing_extensions import override
 
+from cnet_data.buckets import Bucket, BucketConfig, BucketTable
+from cnet_data.geometry import plan_crop
 from cnet_models.pipelines import controlnet_pipeline, generate
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.config import ValidationConfig
+from cnet_train.loggers import log_image
 from cnet_train.module import ControlNetModule
-from cnet_train.plots import image_grid, save_png
+from cnet_train.plots import labelled_grid, save_png
+from cnet_train.summary import say
 
 
 class ValidationCallback(AfterBatch):
-    def __init__(self, run_dir: Path, config: ValidationConfig) -> None:
+    def __init__(
+        self, run_dir: Path, config: ValidationConfig, buckets: BucketConfig | None = None
+    ) -> None:
         self.run_dir = run_dir
         self.config = config
+        self.table = validation_buckets(buckets or BucketConfig(), config.resolution)
+        """Where each image's size comes from: the training buckets (maybe rescaled)."""
         self.last_grid: Path | None = None
         """The newest grid (on rank 0; the other ranks know its path but do not write it)."""
         self.last_step: int | None = None
@@ -68,12 +81,13 @@ class ValidationCallback(AfterBatch):
         count, rank, world = len(self.config.prompts), trainer.global_rank, trainer.world_size
         own = list(range(rank, count, world))  # every world-size-th prompt
         mine = padded(own, -(-count // world))
-        controls = [Image.open(self.config.images[i]).convert("RGB") for i in mine]
-        resolution = self.config.resolution or pl_module.family.default_resolution
+        controls = [self._control(i) for i in mine]
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
         try:
-            pipe = controlnet_pipeline(pl_module.base, pl_module.controlnet)
+            pipe = controlnet_pipeline(
+                pl_module.base, pl_module.controlnet, zeros=pl_module.zero_unconditional
+            )
             # The ControlNet is float32, the frozen parts may be half precision: autocast to
             # the UNet's dtype lets both meet, as the dtype-matched pipeline would at inference.
             half = pl_module.unet.dtype != torch.float32
@@ -82,7 +96,7 @@ class ValidationCallback(AfterBatch):
                     pipe,
                     [self.config.prompts[i] for i in mine],
                     controls,
-                    resolution=resolution,
+                    sizes=[im.size for im in controls],
                     steps=self.config.num_inference_steps,
                     guidance_scale=self.config.guidance_scale,
                     seeds=[self.config.seed + i for i in mine],
@@ -94,17 +108,40 @@ class ValidationCallback(AfterBatch):
         if not trainer.is_global_zero:
             return None
         by_index = dict(rendered)
-        order = range(len(self.config.prompts))
-        conds = [Image.open(p).convert("RGB").resize((resolution,) * 2) for p in self.config.images]
-        grid = image_grid([conds, [Image.fromarray(by_index[i]) for i in order]])
+        order = range(count)
+        columns = [[self._control(i), Image.fromarray(by_index[i])] for i in order]
+        grid = labelled_grid(columns, self.config.prompts)
         path = self._grid_path(trainer.global_step)
         save_png(grid, path)
         self.last_grid = path
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                chw = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
-                logger.experiment.add_image("validation", chw, trainer.global_step)
+        log_image(trainer, "validation", grid, trainer.global_step)
+        say(f"validation at step {trainer.global_step}: {count} images -> {path}")
         return path
+
+    def _control(self, i: int) -> Image.Image:
+        """Conditioning image `i` centre-cropped and resized to its bucket: what the pipeline
+        is given, and what the grid shows above the result."""
+        image = Image.open(self.config.images[i]).convert("RGB")
+        bucket = self.table[int(self.table.assign([image.width], [image.height])[0])]
+        plan = plan_crop((image.height, image.width), bucket, rng=None)
+        size = (bucket.width, bucket.height)
+        return image.resize(size, Image.Resampling.BILINEAR, box=plan.source_box())
+
+
+def validation_buckets(buckets: BucketConfig, resolution: int | None) -> BucketTable:
+    """The buckets of validation images: those of `buckets`, or, with `resolution`, the same
+    shapes scaled to about `resolution` squared pixels (sides multiples of 8, what the VAE
+    needs)."""
+    table = BucketTable.from_config(buckets)
+    if resolution is None:
+        return table
+    scale = resolution / buckets.area**0.5
+    scaled = {(_side(b.width * scale), _side(b.height * scale)) for b in table.buckets}
+    return BucketTable(sorted((Bucket(w, h) for w, h in scaled), key=lambda b: b.aspect))
+
+
+def _side(length: float) -> int:
+    return max(8, round(length / 8) * 8)
 
 
 def padded(own: list[int], per_rank: int) -> list[int]:
