@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
+import cnet_models.quiet  # noqa: F401 (first: it filters notices the imports below would print)
+
 # isort: split
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.controlnets.controlnet import ControlNetModel
