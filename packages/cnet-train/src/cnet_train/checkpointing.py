@@ -110,8 +110,7 @@ class CheckpointCallback(AfterBatch):
             self.directory.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("cnet-checkpoint-begin")
         try:
-            # Full state (optimizer, loops, callbacks): said, so Lightning does not log it.
-            trainer.save_checkpoint(partial, weights_only=False)
+            trainer.save_checkpoint(partial)  # the full state: optimizer, loops, callbacks
             if trainer.is_global_zero:
                 durable.commit(partial, final)
         except OSError as exc:

@@ -20,8 +20,8 @@ what is left on the console is something a user must act on. Why each is expecte
 - Lightning's own `isinstance(treespec, LeafSpec)` FutureWarning from newer torch: inside
   Lightning's code, nothing a user can change.
 
-cnet's checkpoints set `weights_only` when they save, so Lightning's "`weights_only` was not
-set" does not arise (`cnet_train.checkpointing`).
+- "`weights_only` was not set, defaulting to `False`", logged at every checkpoint save: cnet's
+  checkpoints always hold the full training state, which is that default.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ _INFO = (
 )
 """Fragments of the info lines dropped from Lightning's rank-zero logger."""
 
+_CHECKPOINT_LOGGER = "lightning.pytorch.trainer.connectors.checkpoint_connector"
+_CHECKPOINT_INFO = ("`weights_only` was not set, defaulting to `False`",)
+
 
 def silence_expected_notices() -> None:
     """Install the filters (again is harmless: `warnings` replaces an equal filter, and each
@@ -66,7 +69,9 @@ def silence_expected_notices() -> None:
     warnings.filterwarnings(
         "ignore", message=_PYTREE, category=FutureWarning, module=r"lightning\.pytorch\.utilities"
     )
-    logger = logging.getLogger(RANK_ZERO_LOGGER)
-    for fragment in _INFO:
-        if not any(isinstance(f, DropMessage) and f.fragment == fragment for f in logger.filters):
-            logger.addFilter(DropMessage(fragment))
+    for name, fragments in ((RANK_ZERO_LOGGER, _INFO), (_CHECKPOINT_LOGGER, _CHECKPOINT_INFO)):
+        logger = logging.getLogger(name)
+        for fragment in fragments:
+            known = [f.fragment for f in logger.filters if isinstance(f, DropMessage)]
+            if fragment not in known:
+                logger.addFilter(DropMessage(fragment))
