@@ -26,7 +26,7 @@ from cnet_train import durable
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.guard import ensure_finite
 from cnet_train.config import CheckpointConfig
-from cnet_train.errors import PreemptedError, WriteFailedError
+from cnet_train.errors import PreemptedError
 from cnet_train.preemption import REQUEUE_SIGNAL, StopSignals, requeue_slurm_job
 from cnet_train.resume import checkpoint_name, committed_checkpoints
 
@@ -116,9 +116,10 @@ class CheckpointCallback(AfterBatch):
         except OSError as exc:
             if trainer.is_global_zero:
                 durable.remove(partial)
-            raise WriteFailedError(
-                f"could not write the checkpoint {final} ({exc.strerror or exc}; "
-                f"{durable.free_space(self.directory)}); the previous checkpoints are kept",
+            raise durable.write_failed(
+                "checkpoint",
+                final,
+                exc,
                 hint="free space there (or set run_dir elsewhere) and relaunch to resume",
             ) from exc
         trainer.strategy.barrier("cnet-checkpoint-commit")

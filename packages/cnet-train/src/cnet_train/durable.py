@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from cnet_train.errors import WriteFailedError
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -86,3 +88,13 @@ def free_space(path: Path) -> str:
     except OSError:
         return "unknown free space"
     return f"{free / 2**30:.2f} GiB free"
+
+
+def write_failed(what: str, final: Path, exc: OSError, *, hint: str) -> WriteFailedError:
+    """The error of a failed write of `what` (e.g. "checkpoint") to `final`, naming the path,
+    the OS's reason and the free space left; the previous committed ones are kept."""
+    return WriteFailedError(
+        f"could not write the {what} {final} ({exc.strerror or exc}; "
+        f"{free_space(final.parent)}); the previous {what}s are kept",
+        hint=hint,
+    )

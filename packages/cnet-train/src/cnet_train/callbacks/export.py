@@ -23,7 +23,6 @@ from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.guard import ensure_finite
 from cnet_train.config import ExportConfig
-from cnet_train.errors import WriteFailedError
 from cnet_train.module import ControlNetModule
 
 logger = logging.getLogger(__name__)
@@ -92,9 +91,10 @@ class ExportCallback(AfterBatch):
         except OSError as exc:
             if trainer.is_global_zero:
                 durable.remove(partial)
-            raise WriteFailedError(
-                f"could not write the export {out} ({exc.strerror or exc}; "
-                f"{durable.free_space(out.parent)}); the previous exports are kept",
+            raise durable.write_failed(
+                "export",
+                out,
+                exc,
                 hint="free space there (or set run_dir elsewhere) and relaunch: the run resumes "
                 "from its newest checkpoint and writes the export again",
             ) from exc
