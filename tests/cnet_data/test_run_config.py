@@ -11,7 +11,7 @@ import attrs
 import pytest
 import yaml
 
-from cnet_data.buckets import FAMILY_RESOLUTIONS, BucketConfig, BucketTable
+from cnet_data.buckets import FAMILY_RESOLUTIONS, BucketConfig, BucketSettings, BucketTable
 from cnet_data.cli import main
 from cnet_data.index import DatasetIndex
 from cnet_data.run_config import (
@@ -22,6 +22,8 @@ from cnet_data.run_config import (
     bucket_config,
     detect_family,
     load_run_config,
+    resolve_buckets,
+    run_buckets,
 )
 from cnet_data.scan import ScanConfig
 from cnet_data.sources import SourceConfig
@@ -379,12 +381,53 @@ def test_the_examples_read_and_match_their_family_defaults(name: str) -> None:
     assert dict(run.buckets) == attrs.asdict(family_default)
 
 
+def test_a_null_bucket_key_is_unset_and_takes_the_family_default(tmp_path: Path) -> None:
+    data = {"source": {"path": "m"}, "buckets": {"area": None, "step": 32}}
+    config = _write_config(tmp_path / "run.yaml", data, model={"source": "x", "family": "sd15"})
+    run = load_run_config(config)
+    assert dict(run.buckets) == {"step": 32}
+    assert bucket_config(run.buckets, run.family)[0] == BucketConfig.for_resolution(512, 32)
+
+
+def test_bucket_keys_that_do_not_fit_the_family_are_refused_at_load(tmp_path: Path) -> None:
+    # 128x128 fits the class defaults' sides (512..2048) nowhere, nor SD 1.5's (256..1024).
+    data = {"source": {"path": "m"}, "buckets": {"area": 128 * 128}}
+    config = _write_config(tmp_path / "run.yaml", data, model={"source": "x", "family": "sd15"})
+    with pytest.raises(RunConfigError) as caught:
+        load_run_config(config)
+    (problem,) = caught.value.problems
+    assert problem.startswith("data.buckets: bucket settings {'area': 16384} do not fit")
+    # With min_side lowered too they fit; SD 1.5's max_side stays.
+    fits = {**data, "buckets": {"area": 128 * 128, "min_side": 64}}
+    path = _write_config(tmp_path / "run.yaml", fits, model={"source": "x", "family": "sd15"})
+    run = load_run_config(path)
+    assert bucket_config(run.buckets, run.family)[0].max_side == 1024
+
+
+def test_run_buckets_reads_the_family_of_a_relative_model_folder(tmp_path: Path) -> None:
+    _fake_model(tmp_path / "model", SD15_UNET)
+    settings = BucketSettings(step=32)
+    found = run_buckets(settings, "./model", None, tmp_path)
+    assert found.config == BucketConfig.for_resolution(512, 32)
+    assert found.line().startswith("bucket area 262144 (512x512): the sd15 default (./model/")
+    unknown = run_buckets(settings, "org/hub", None, tmp_path)
+    assert unknown.config == BucketConfig(step=32)
+    assert "set model.family" in unknown.origin
+    named = run_buckets(BucketSettings(area=640 * 640), "org/hub", "sd15", tmp_path)
+    assert (named.config.area, named.config.min_side) == (640 * 640, 256)
+    assert named.origin.startswith("data.buckets.area")
+
+
 def test_bucket_settings_that_do_not_fit_the_family_are_one_error() -> None:
     family = ModelFamily("sd15", 512, "model.family sd15")
     assert bucket_config({"min_side": 512}, family)[0].area == 512 * 512
     with pytest.raises(RunConfigError, match="do not fit") as caught:
         bucket_config({"min_side": 1024}, family)  # a 1024 side cannot fit a 512x512 area
     assert "min_side" in caught.value.hint
+    assert (
+        resolve_buckets({"min_side": 512}, family).config
+        == bucket_config({"min_side": 512}, family)[0]
+    )
 
 
 # -- kept in step with cnet-train and cnet-models (skipped where cnet-data is installed alone)
@@ -393,23 +436,32 @@ def test_bucket_settings_that_do_not_fit_the_family_are_one_error() -> None:
 def test_data_keys_and_defaults_match_cnet_train() -> None:
     config = pytest.importorskip("cnet_train.config")
     assert tuple(f.name for f in attrs.fields(config.DataConfig)) == DATA_KEYS
-    defaults = {f.name: f.default for f in attrs.fields(config.DataConfig)}
-    assert defaults["scan"] == DEFAULT_SCAN
-    assert defaults["buckets"] == BucketConfig()
+    defaults = config.DataConfig(source=SourceConfig(Path("m")))
+    assert defaults.scan == DEFAULT_SCAN
+    assert defaults.buckets == BucketSettings()  # unset: the family's defaults
 
 
 def test_reading_matches_cnet_train_load_config(tmp_path: Path) -> None:
     config_io = pytest.importorskip("cnet_train.config_io")
-    configs: list[dict[str, Any]] = [
-        {"source": {"path": "a/m.jsonl"}},
-        {"source": _source("~/m.jsonl"), "index": "../i", "scan": {"workers": 2}},
-        {"source": {"path": "f", "format": "folder"}, "buckets": {"step": 32}},
+    train_data = pytest.importorskip("cnet_train.data")
+    _fake_model(tmp_path / "model", SD15_UNET)
+    configs: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        ({"source": {"path": "a/m.jsonl"}}, {"source": "org/model"}),
+        ({"source": _source("~/m.jsonl"), "index": "../i", "scan": {"workers": 2}}, {}),
+        ({"source": {"path": "f", "format": "folder"}, "buckets": {"step": 32}}, {}),
+        ({"source": {"path": "f"}, "buckets": {"max_side": 768}}, {"source": "../model"}),
+        ({"source": {"path": "f"}}, {"source": "org/model", "family": "sdxl"}),
     ]
-    for i, data in enumerate(configs):
-        path = _write_config(tmp_path / f"c{i}" / "run.yaml", data)
+    for i, (data, model) in enumerate(configs):
+        path = _write_config(tmp_path / f"c{i}" / "run.yaml", data, model=model or {"source": "x"})
         ours, theirs = load_run_config(path), config_io.load_config(path)
         assert ours.source == theirs.data.source and ours.scan == theirs.data.scan
-        assert BucketConfig(**ours.buckets) == theirs.data.buckets
+        assert dict(ours.buckets) == theirs.data.buckets.given()
+        table, line = bucket_config(ours.buckets, ours.family)
+        trained = train_data.run_buckets(theirs)
+        assert table == trained.config
+        # The same origin; a model folder is named as written here, made absolute there.
+        assert line.partition("(")[2].split()[:3] == trained.line().partition("(")[2].split()[:3]
         assert ours.index == (theirs.data.index or theirs.run_dir / "index")
 
 

@@ -60,6 +60,42 @@ class BucketConfig:
         return cls(area=resolution * resolution, min_side=min_side, max_side=max_side, step=step)
 
 
+@attrs.frozen
+class BucketSettings:
+    """`data.buckets` as a training config writes it: the keys it sets, each left out (None)
+    taking the base model family's default (`cnet_data.run_config.resolve_buckets` fills them).
+    A config must be able to say "not set" apart from "set to the default": the default table
+    is SDXL's, four times the pixels SD 1.5 trains at."""
+
+    area: int | None = None
+    """Target pixel area; None: the family's resolution squared."""
+    min_side: int | None = None
+    """Smallest side length in pixels; None: the family's default (half its resolution)."""
+    max_side: int | None = None
+    """Largest side length in pixels; None: the family's default (twice its resolution)."""
+    step: int | None = None
+    """Every side is a multiple of this; None: 64."""
+
+    def __attrs_post_init__(self) -> None:
+        for name, value in self.given().items():
+            if value <= 0:
+                raise ValueError(f"buckets.{name} must be positive, got {value}")
+        if len(self.given()) == len(attrs.fields(BucketConfig)):
+            BucketConfig(**self.given())  # every key set: the table is known without a family
+
+    def given(self) -> dict[str, int]:
+        """The keys that are set, with their values."""
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+
+def bucket_settings(settings: BucketSettings | BucketConfig) -> BucketSettings:
+    """`settings` as is, or a `BucketConfig` as the settings with every key set (what a config
+    that writes all four keys holds): a field's converter, so code may pass either."""
+    if isinstance(settings, BucketSettings):
+        return settings
+    return BucketSettings(**attrs.asdict(settings))
+
+
 FAMILY_RESOLUTIONS = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 """Side of the square resolution each model family's base model was trained at (what
 `cnet_models.families.Family.default_resolution` says; cnet-data cannot import it). SD 2.1 also

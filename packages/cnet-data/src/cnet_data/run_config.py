@@ -20,6 +20,10 @@ the way cnet-train does:
 - The model family (which sets the bucket defaults) is `model.family`, else what the local model
   folder's `unet/config.json` shows (read as plain JSON with the rule of
   `cnet_models.families.detect_family`), else unknown.
+- The bucket table is `data.buckets`' keys over the family's defaults over `BucketConfig`'s
+  (`resolve_buckets`). Training resolves its buckets with these same functions
+  (`cnet_train.data.run_buckets`), so that `cnet-data buckets --config RUN.yaml` shows the
+  table the launch trains on.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import yaml
 from typing_extensions import override
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from cnet_data.buckets import FAMILY_RESOLUTIONS, BucketConfig
+from cnet_data.buckets import FAMILY_RESOLUTIONS, BucketConfig, BucketSettings
 from cnet_data.errors import CnetError
 from cnet_data.scan import ScanConfig
 from cnet_data.sources import SourceConfig
@@ -105,7 +109,8 @@ class RunDataConfig:
     scan: ScanConfig
     """`data.scan`, or `DEFAULT_SCAN` when the section is left out."""
     buckets: Mapping[str, int]
-    """The keys `data.buckets` sets; those it leaves out come from the family or BucketConfig."""
+    """The keys `data.buckets` sets (a null one is not set); those it leaves out come from the
+    family or BucketConfig."""
     index: Path | None
     """`data.index`, else RUN_DIR/index; None when the config sets neither."""
     family: ModelFamily
@@ -126,13 +131,15 @@ def load_run_config(path: Path) -> RunDataConfig:
     source = _fields(SourceConfig, data.get("source"), "data.source", problems, required=True)
     scan = _fields(ScanConfig, data.get("scan", {}), "data.scan", problems)
     known = len(problems)
-    buckets = _fields(BucketConfig, data.get("buckets", {}), "data.buckets", problems)
-    if len(problems) == known:  # each key is fine: do they make a table together?
-        _check_buckets(buckets, problems)
+    buckets = _fields(BucketSettings, data.get("buckets", {}), "data.buckets", problems)
+    buckets = {key: value for key, value in buckets.items() if value is not None}
+    buckets_read = len(problems) == known
     index = _path_value(data.get("index"), "data.index", base, problems)
     run_dir = _path_value(raw.get("run_dir"), "run_dir", base, problems)
     model = _mapping(raw.get("model"), "model", problems)
     family = _family(model, base, problems)
+    if buckets_read:  # each key is fine: do they make a table with the family's defaults?
+        _check_buckets(buckets, family, problems)
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         lines = "\n".join(f"  {p}" for p in problems)
@@ -148,27 +155,71 @@ def load_run_config(path: Path) -> RunDataConfig:
     )
 
 
-def bucket_config(
+@attrs.frozen
+class ResolvedBuckets:
+    """The bucket table's settings of a run, and where its area came from."""
+
+    config: BucketConfig
+    """Every key: the config's, else the family's default, else BucketConfig's."""
+    origin: str
+    """Where the area came from (the config, a flag, the family or the default), and, for the
+    default of an unknown family, why the family is unknown and how to set it."""
+
+    @property
+    def area(self) -> str:
+        """The area as pixels and, for a square one, its side: `262144 (512x512)`."""
+        return _area(self.config.area)
+
+    def line(self) -> str:
+        """One line for the user: `bucket area 262144 (512x512): the sd15 default (...)`."""
+        return f"bucket area {self.area}: {self.origin}"
+
+
+def resolve_buckets(
     given: Mapping[str, int], family: ModelFamily | None, *, flags: Sequence[str] = ()
-) -> tuple[BucketConfig, str]:
-    """The bucket table's settings and a line saying where its area came from.
+) -> ResolvedBuckets:
+    """The bucket table's settings, and where its area came from.
 
     Precedence per field: `given` (the config's `data.buckets` and, over it, the flags, whose
     names are in `flags`), then the family's default (`BucketConfig.for_resolution`) when the
-    family is known, then `BucketConfig`'s own defaults (SDXL's)."""
-    fields: dict[str, int] = {}
-    if family is not None and family.resolution is not None:
-        step = given.get("step", BucketConfig().step)
-        fields = attrs.asdict(BucketConfig.for_resolution(family.resolution, step))
+    family is known, then `BucketConfig`'s own defaults (SDXL's). Raises `RunConfigError` when
+    the keys given do not make a table with the defaults of the others."""
     try:
-        config = BucketConfig(**{**fields, **given})
+        config = BucketConfig(**{**_family_defaults(given, family), **given})
     except ValueError as exc:
         raise RunConfigError(
             f"bucket settings {dict(given)} do not fit: {exc}",
             hint="set data.buckets.area, min_side and max_side (or --area, --min-side, "
             "--max-side) together",
         ) from exc
-    return config, f"bucket area {_area(config.area)}: {_area_origin(given, family, flags)}"
+    return ResolvedBuckets(config, _area_origin(given, family, flags))
+
+
+def run_buckets(
+    settings: BucketSettings, source: str | None, family: str | None, base: Path | None = None
+) -> ResolvedBuckets:
+    """The bucket settings of a training run whose config holds `data.buckets` (`settings`),
+    `model.source` and `model.family`: what the launch trains on (`cnet_train.data.run_buckets`
+    and the preflight call this). A relative model folder is relative to `base`, by default
+    the current directory (where the launch loads it from)."""
+    found = model_family(source, family, Path.cwd() if base is None else base)
+    return resolve_buckets(settings.given(), found)
+
+
+def bucket_config(
+    given: Mapping[str, int], family: ModelFamily | None, *, flags: Sequence[str] = ()
+) -> tuple[BucketConfig, str]:
+    """`resolve_buckets` as the settings and the line that says where the area came from."""
+    resolved = resolve_buckets(given, family, flags=flags)
+    return resolved.config, resolved.line()
+
+
+def _family_defaults(given: Mapping[str, int], family: ModelFamily | None) -> dict[str, int]:
+    """The family's bucket settings for the step in use; {} when the family is unknown."""
+    if family is None or family.resolution is None:
+        return {}
+    step = given.get("step", BucketConfig().step)
+    return attrs.asdict(BucketConfig.for_resolution(family.resolution, step))
 
 
 def _area(area: int) -> str:
@@ -378,12 +429,13 @@ def _value_problem(cls: type, name: str, value: Any) -> str | None:
     return check(value) if check is not None else None
 
 
-def _check_buckets(buckets: Mapping[str, int], problems: list[str]) -> None:
-    """The `data.buckets` keys given must make a valid table with BucketConfig's defaults for
-    the rest: that is what the launch builds from them."""
+def _check_buckets(buckets: Mapping[str, int], family: ModelFamily, problems: list[str]) -> None:
+    """The `data.buckets` keys given must be valid (`BucketSettings`) and make a table with the
+    family's defaults for the rest: the launch's preflight refuses what does not."""
     try:
-        BucketConfig(**buckets)
-    except ValueError as exc:
+        BucketSettings(**buckets)
+        resolve_buckets(buckets, family)
+    except (ValueError, RunConfigError) as exc:
         problems.append(f"data.buckets: {exc}")
 
 
@@ -420,7 +472,7 @@ def _shown(value: object) -> str:
 
 
 def _family(model: Mapping[Any, Any], base: Path, problems: list[str]) -> ModelFamily:
-    """The family `model.family` names, else the one the local model folder shows."""
+    """The family of the raw `model` section (its problems added to `problems`)."""
     named = model.get("family")
     if named is not None and named not in FAMILY_RESOLUTIONS:
         choices = ", ".join(FAMILY_RESOLUTIONS)
@@ -432,8 +484,15 @@ def _family(model: Mapping[Any, Any], base: Path, problems: list[str]) -> ModelF
             f"model.source: expected a folder or hub id (a string), got {_shown(source)}"
         )
         source = None
+    return model_family(source, named, base)
+
+
+def model_family(source: str | None, named: str | None, base: Path) -> ModelFamily:
+    """The family `named` (`model.family`), else the one the local model folder `source`
+    shows (a relative folder is relative to `base`), else unknown, with the reason. Training
+    finds its family for the bucket defaults with this too."""
     unet, why_not = _unet_config(source, base)
-    if isinstance(named, str):
+    if named is not None:
         return ModelFamily(named, _resolution(named, unet), f"model.family {named}")
     if unet is None:
         return ModelFamily(None, None, why_not)
@@ -472,7 +531,10 @@ def _unet_config(source: str | None, base: Path) -> tuple[dict[str, Any] | None,
         return None, "the config has no model.source"
     folder = _local_folder(source, base)
     if folder is None:
-        return None, f"model.source {source!r} is a hub id, which cnet-data does not look up"
+        return None, (
+            f"model.source {source!r} is a hub id (only a local folder's unet/config.json is "
+            "read for the family)"
+        )
     return _json_object(folder / "unet" / "config.json")
 
 

@@ -143,6 +143,11 @@ def _show(args: argparse.Namespace) -> int:
 
     config = _load(args, "config", machine=not args.schema_only)
     print(dump_config(config), end="")
+    if not args.schema_only:  # the family may come from the model folder, on this machine
+        from cnet_data.run_config import run_buckets
+
+        buckets = run_buckets(config.data.buckets, config.model.source, config.model.family)
+        print(f"# {buckets.line()}")  # a YAML comment: the output still loads as the config
     return 0
 
 

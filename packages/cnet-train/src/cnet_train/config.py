@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import attrs
 
-from cnet_data.buckets import BucketConfig
+from cnet_data.buckets import BucketSettings, bucket_settings
 from cnet_data.dataset import AugmentConfig
 from cnet_data.scan import ScanConfig
 from cnet_data.sources import SourceConfig
@@ -151,8 +151,11 @@ class DataConfig:
     built at launch if missing."""
     scan: ScanConfig = ScanConfig(on_bad="skip")
     """How the index is built when the launch builds it."""
-    buckets: BucketConfig = BucketConfig()
-    """Aspect-ratio buckets; set `area` to the family's resolution squared."""
+    buckets: BucketSettings = attrs.field(factory=BucketSettings, converter=bucket_settings)
+    """Aspect-ratio buckets: the keys set here, the rest from the base model's family (its
+    resolution squared as the area; `model.family`, else the local model folder's UNet config;
+    SDXL's when neither tells). `cnet_train.data.run_buckets` resolves them, as
+    `cnet-data buckets --config` does."""
     augment: AugmentConfig = AugmentConfig()
     """Paired augmentation of image and conditioning image."""
     batch_size: int = attrs.field(default=4, validator=_positive)

@@ -149,7 +149,7 @@ def held_out_batches(
 
     From `control_gain.index` if set, else from the training index (built if missing). The
     choice is a pure function of the index and `samples`: the same batches at every call."""
-    from cnet_train.data import ensure_index  # cnet_train.data imports the config module
+    from cnet_train.data import ensure_index, run_buckets  # cnet_train.data imports config
 
     settings = config.control_gain
     index = DatasetIndex(settings.index if settings.index is not None else ensure_index(config))
@@ -158,7 +158,7 @@ def held_out_batches(
             f"the control gain needs at least 2 held-out samples; {index.directory} has "
             f"{len(index)}"
         )
-    table = BucketTable.from_config(config.data.buckets)
+    table = BucketTable.from_config(run_buckets(config).config)
     # Every bucket keeps at least 2 samples, so a sample always has a partner of its size.
     ids, _ = merge_small_buckets(table.assign(index.widths, index.heights), 2, table.log_aspects)
     chosen = choose_samples(ids, samples or settings.samples)

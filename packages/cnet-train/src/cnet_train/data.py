@@ -4,6 +4,9 @@ Lightning runs with `use_distributed_sampler=False`: the bucket sampler is rank-
 The module keeps its own epoch and the count of batches the training loop has consumed (a
 loader with workers draws ahead of the loop), and saves both through Lightning's checkpoint, so
 a resumed run continues with exactly the batches it had not seen.
+
+The bucket table is `data.buckets` over the base model family's defaults (`run_buckets`), found
+by the functions `cnet-data buckets --config RUN.yaml` uses, so that the two show one table.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from cnet_data.buckets import BucketTable
 from cnet_data.dataset import ControlNetDataset
 from cnet_data.index import INDEX_OWNERSHIP, DatasetIndex
 from cnet_data.outdir import claim_directory
+from cnet_data.run_config import ResolvedBuckets
+from cnet_data.run_config import run_buckets as _run_buckets
 from cnet_data.sampler import BucketBatchSampler
 from cnet_data.scan import scan
 from cnet_train.config import TrainConfig
@@ -29,6 +34,15 @@ logger = logging.getLogger(__name__)
 
 def index_path(config: TrainConfig) -> Path:
     return config.data.index or config.run_dir / "index"
+
+
+def run_buckets(config: TrainConfig) -> ResolvedBuckets:
+    """The run's bucket settings: the keys `data.buckets` sets, the rest from the family that
+    `model.family` names or the local model folder's UNet config shows (a relative folder is
+    relative to the current directory, as for loading it), else `BucketConfig`'s (SDXL's), and
+    where the area came from. Raises `RunConfigError` (a `CnetError`) when the keys set do not
+    make a table with those defaults; the preflight reports that before the launch."""
+    return _run_buckets(config.data.buckets, config.model.source, config.model.family)
 
 
 def ensure_index(config: TrainConfig) -> Path:
@@ -56,6 +70,8 @@ class ControlNetDataModule(L.LightningDataModule):
         self.prepare_data_per_node = False
         self.sampler: BucketBatchSampler | None = None
         self.dataset: ControlNetDataset | None = None
+        self.buckets: ResolvedBuckets | None = None
+        """The bucket settings `setup` built the table from, and where their area came from."""
         self.epoch = 0
         self.consumed = 0
         """Batches the training loop has started since the current pass over the data began."""
@@ -73,7 +89,8 @@ class ControlNetDataModule(L.LightningDataModule):
         index = DatasetIndex(ensure_index(self.config))
         if len(index) == 0:
             raise ValueError(f"the dataset index {index.directory} holds no samples")
-        table = BucketTable.from_config(data.buckets)
+        self.buckets = run_buckets(self.config)
+        table = BucketTable.from_config(self.buckets.config)
         world, rank = self._world()
         self.sampler = BucketBatchSampler(
             table.assign(index.widths, index.heights),

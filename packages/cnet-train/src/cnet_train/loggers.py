@@ -6,7 +6,8 @@ scalars; `log_image` gives each the same validation grids. TensorBoard and CSV n
 beyond cnet-train; wandb and mlflow are optional extras (`pip install 'cnet-train[wandb]'`),
 and a missing one is reported in one line before any model loads. Offline use is the default
 where it can be: wandb honours `offline` and `WANDB_MODE=offline`, and MLflow writes to a local
-file store under the run directory unless a tracking server is named.
+file store under the run directory unless a tracking server is named. A relaunch that resumes
+from a checkpoint continues the same wandb or MLflow run (`cnet_train.logger_resume`).
 
 Lightning is imported inside the functions: the config module imports `LoggerConfig`, and
 `cnet-train config` must not pay for Lightning.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
     from cnet_train.config import TrainConfig
+    from cnet_train.logger_resume import RunRecord
 
 LoggerName = Literal["tensorboard", "csv", "wandb", "mlflow"]
 
@@ -80,18 +82,37 @@ class LoggerUnavailableError(CnetError):
         )
 
 
-def build_logger(config: TrainConfig) -> Logger:
-    """The Lightning logger `config.logger` names, writing under RUN_DIR/logs."""
+def build_logger(config: TrainConfig, resume_from: Path | None = None) -> Logger:
+    """The Lightning logger `config.logger` names, writing under RUN_DIR/logs.
+
+    `resume_from` is the checkpoint this launch resumes from: a wandb or MLflow logger then
+    continues the run an earlier launch recorded; None (a fresh start) forgets that record."""
+    from cnet_train.logger_resume import continued_run, forget_run
+
     settings, run_dir = config.logger, config.run_dir
+    if resume_from is None:
+        forget_run(run_dir)
     if settings.name == "csv":
         return _csv(run_dir)
-    if settings.name == "wandb":
-        return _wandb(settings, run_dir)
-    if settings.name == "mlflow":
-        return _mlflow(settings, run_dir)
+    if settings.name in ("wandb", "mlflow"):
+        continued = continued_run(settings, run_dir, resume_from)
+        if settings.name == "wandb":
+            return _wandb(settings, run_dir, continued)
+        return _mlflow(settings, run_dir, continued)
+    return _tensorboard(run_dir, resume_from)
+
+
+def _tensorboard(run_dir: Path, resume_from: Path | None) -> Logger:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    return TensorBoardLogger(save_dir=str(run_dir), name=LOGS_DIR, version="")
+    from cnet_train.resume import checkpoint_step
+
+    # The steps past the checkpoint were logged by the launch that was killed and are trained
+    # again now: TensorBoard shows the new events in their place (it drops the older events
+    # from `purge_step` on).
+    step = checkpoint_step(resume_from) if resume_from is not None else None
+    purge: dict[str, Any] = {} if step is None else {"purge_step": step + 1}
+    return TensorBoardLogger(save_dir=str(run_dir), name=LOGS_DIR, version="", **purge)
 
 
 def _csv(run_dir: Path) -> Logger:
@@ -109,13 +130,16 @@ def wandb_offline(settings: LoggerConfig) -> bool:
     return settings.offline or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
 
 
-def _wandb(settings: LoggerConfig, run_dir: Path) -> Logger:
-    from lightning.pytorch.loggers import WandbLogger
+def _wandb(settings: LoggerConfig, run_dir: Path, continued: RunRecord | None) -> Logger:
+    from cnet_train.logger_resume import RecordedWandbLogger, RunKey
 
     save_dir = run_dir / LOGS_DIR
     save_dir.mkdir(parents=True, exist_ok=True)  # wandb refuses a directory that is not there
     try:
-        return WandbLogger(
+        return RecordedWandbLogger(
+            run_dir,
+            RunKey.of(settings),
+            continued,
             name=settings.run_name or run_dir.name,
             save_dir=str(save_dir),
             project=settings.project,
@@ -125,20 +149,27 @@ def _wandb(settings: LoggerConfig, run_dir: Path) -> Logger:
         raise LoggerUnavailableError("wandb") from None
 
 
+def mlflow_server(settings: LoggerConfig) -> str | None:
+    """The tracking server named in the config or the environment, unless offline."""
+    return settings.tracking_uri or (
+        None if settings.offline else os.environ.get("MLFLOW_TRACKING_URI")
+    )
+
+
 def mlflow_tracking_uri(settings: LoggerConfig, run_dir: Path) -> str:
     """The server named in the config or the environment, unless offline; else the run's
     own file store."""
-    named = settings.tracking_uri or (
-        None if settings.offline else os.environ.get("MLFLOW_TRACKING_URI")
-    )
-    return named or f"file:{(run_dir / LOGS_DIR / 'mlruns').resolve()}"
+    return mlflow_server(settings) or f"file:{(run_dir / LOGS_DIR / 'mlruns').resolve()}"
 
 
-def _mlflow(settings: LoggerConfig, run_dir: Path) -> Logger:
-    from lightning.pytorch.loggers import MLFlowLogger
+def _mlflow(settings: LoggerConfig, run_dir: Path, continued: RunRecord | None) -> Logger:
+    from cnet_train.logger_resume import RecordedMLFlowLogger, RunKey
 
     try:
-        return MLFlowLogger(
+        return RecordedMLFlowLogger(
+            run_dir,
+            RunKey.of(settings),
+            continued,
             experiment_name=settings.project,
             run_name=settings.run_name or run_dir.name,
             tracking_uri=mlflow_tracking_uri(settings, run_dir),

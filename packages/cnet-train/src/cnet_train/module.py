@@ -39,7 +39,7 @@ from cnet_models.pipelines import unconditional_is_zeros
 from cnet_models.text import PromptEmbeddings, zero_rows
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import config_to_dict
-from cnet_train.data import ControlNetDataModule
+from cnet_train.data import ControlNetDataModule, run_buckets
 from cnet_train.optim import build_optimizer, build_scheduler
 
 Batch = Mapping[str, Any]
@@ -122,7 +122,7 @@ class ControlNetModule(L.LightningModule):
         """
         import torch._dynamo.config as dynamo_config
 
-        buckets = len(BucketTable.from_config(self.config.data.buckets))
+        buckets = len(BucketTable.from_config(run_buckets(self.config).config))
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, buckets)
         unet, controlnet = self.unet, self.controlnet
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:

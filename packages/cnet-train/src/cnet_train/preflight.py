@@ -53,6 +53,7 @@ def preflight(
         *_cache_problems(config, command),
         *_validation_problems(config, base_dir),
         *_model_problems(config, base_dir),
+        *_bucket_problems(config),
         *_resume_problems(config, base_dir),
     ]
     # embed's processes come from the launcher, not trainer.devices
@@ -133,6 +134,18 @@ def _model_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
         if source is not None
         for problem in _source_problems(key, source, complete, base_dir)
     ]
+
+
+def _bucket_problems(config: TrainConfig) -> list[str]:
+    """The keys `data.buckets` sets must make a table with the model family's defaults for the
+    rest (the family may come from the model folder, so this needs the filesystem)."""
+    from cnet_data.run_config import RunConfigError, run_buckets
+
+    try:
+        run_buckets(config.data.buckets, config.model.source, config.model.family)
+    except RunConfigError as exc:
+        return [f"data.buckets: {exc}"]
+    return []
 
 
 def _source_problems(

@@ -1,12 +1,13 @@
 """What a run says about itself: a start-up summary and an end summary, printed by rank 0.
 
-The start-up summary answers what a user otherwise digs out of logs and code: how many
-samples were indexed and how many were skipped as bad (and where they are listed), the
-buckets and what each epoch leaves out, the batch per device and in all, the optimizer steps
-per epoch, the strategy, precision and devices, and whether the run starts fresh or resumes
-(and from which checkpoint). The end summary lists where the results are: the newest export
-(ControlNet and its EMA twin), the newest validation grid, the loss curve, the checkpoint,
-the resolved config and the TensorBoard logs; only what exists is listed.
+The start-up summary answers what a user otherwise digs out of logs and code: how many samples
+were indexed and how many were skipped as bad (and where they are listed), the buckets, their
+area and where it came from (`data.buckets`, the model family, or the default when the family
+is unknown), and what each epoch leaves out, the batch per device and in all, the optimizer
+steps per epoch, the strategy, precision and devices, and whether the run starts fresh or
+resumes (and from which checkpoint). The end summary lists where the results are: the newest
+export (ControlNet and its EMA twin), the newest validation grid, the loss curve, the
+checkpoint, the resolved config and the TensorBoard logs; only what exists is listed.
 
 Lines go to stdout as plain text through `say`, which writes above an open progress bar.
 """
@@ -97,6 +98,8 @@ def _data_lines(trainer: L.Trainer, data: ControlNetDataModule) -> Iterator[str]
     yield field("skipped as bad", _bad_samples(index.directory, index.header))
     counts = np.bincount(sampler.bucket_ids, minlength=len(dataset.table))
     yield field("buckets", _buckets(counts, dataset.table.buckets, len(sampler.merges)))
+    if data.buckets is not None:
+        yield field("bucket area", f"{data.buckets.area}: {data.buckets.origin}")
     total = int(sampler.raw_bucket_ids.size)
     yield field(
         "left out / epoch",

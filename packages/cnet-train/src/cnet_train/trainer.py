@@ -23,7 +23,7 @@ from cnet_train.callbacks.validation import ValidationCallback
 from cnet_train.checkpointing import CheckpointCallback, DurableCheckpointIO
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import write_resolved_config
-from cnet_train.data import ControlNetDataModule
+from cnet_train.data import ControlNetDataModule, run_buckets
 from cnet_train.errors import PreemptedError, RankFailedError
 from cnet_train.finishing import resume_finishes_the_run
 from cnet_train.loggers import build_logger
@@ -60,7 +60,8 @@ def build_callbacks(config: TrainConfig, resume_from: Path | None = None) -> lis
     if config.ema.enabled:
         callbacks.append(EMACallback(config.ema.config))
     callbacks.append(ExportCallback(config.run_dir, config.export))
-    callbacks.append(ValidationCallback(config.run_dir, config.validation, config.data.buckets))
+    buckets = run_buckets(config).config  # validation's default sizes follow the training's
+    callbacks.append(ValidationCallback(config.run_dir, config.validation, buckets))
     callbacks.append(ControlGainCallback(config))
     callbacks.append(LossHistory(config.run_dir))
     callbacks.append(RunSummary(config))  # prints; its end summary comes in on_fit_end
@@ -98,7 +99,8 @@ def build_trainer(
         "plugins": [DurableCheckpointIO()],
         # cnet's CheckpointCallback writes every checkpoint; Lightning's would write its own.
         "enable_checkpointing": False,
-        "logger": build_logger(config),
+        # Resuming, a wandb or MLflow logger continues the run an earlier launch recorded.
+        "logger": build_logger(config, resume_from),
         "default_root_dir": str(config.run_dir),
         # The bucket sampler is rank-aware by itself; Lightning must not wrap it.
         "use_distributed_sampler": False,
