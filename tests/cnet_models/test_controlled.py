@@ -11,6 +11,7 @@ import torch
 
 from cnet_models.configs import BaseModelConfig, ControlNetConfig
 from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet, sdxl_time_ids
+from cnet_models.facade import ControlNetModel
 from cnet_models.families import FAMILY_NAMES
 from cnet_models.loading import BaseModel, load_base_model
 
@@ -173,3 +174,63 @@ def test_sdxl_time_ids_follow_the_pipeline_order() -> None:
         torch.tensor([[1024, 768]]), torch.tensor([[16, 0]]), torch.tensor([[832, 1216]])
     )
     assert ids.tolist() == [[1024.0, 768.0, 16.0, 0.0, 832.0, 1216.0]]
+
+
+def _encoder_features(controlnet: ControlNetModel, images: torch.Tensor) -> torch.Tensor:
+    """The control-image encoder's last hidden layer (the input of its zero output conv)."""
+    embedding = controlnet.controlnet_cond_embedding
+    hidden = torch.nn.functional.silu(embedding.conv_in(images))
+    for block in embedding.blocks:
+        hidden = torch.nn.functional.silu(block(hidden))
+    return hidden
+
+
+def _outlines(count: int) -> torch.Tensor:
+    """Thin white squares on black at different places: sparse images, like edge maps."""
+    images = torch.zeros(count, 3, 64, 64)
+    for i in range(count):
+        top, left = 4 + 9 * i, 30 - 7 * i
+        images[i, :, top : top + 24, left : left + 2] = 1.0
+        images[i, :, top : top + 2, left : left + 24] = 1.0
+    return images
+
+
+def test_he_init_lets_the_control_image_through_and_still_starts_at_zero(
+    tiny_models: TinyModels,
+) -> None:
+    model = load_base_model(BaseModelConfig(source=str(tiny_models("sd15"))))
+    images = _outlines(4)
+    spread = {}
+    for init in ("default", "he"):
+        torch.manual_seed(0)
+        controlnet = make_controlnet(model.unet, ControlNetConfig(conditioning_embedding_init=init))
+        with torch.no_grad():
+            spread[init] = float(_encoder_features(controlnet, images).std(dim=0).mean())
+            residuals = ControlledUNet(model.unet, controlnet).controlnet(
+                torch.randn(4, 4, 8, 8),
+                torch.tensor([10, 300, 600, 900]),
+                encoder_hidden_states=torch.randn(4, 77, model.cross_attention_dim),
+                controlnet_cond=images,
+                return_dict=False,
+            )
+        # The output conv and the zero convs are untouched: a new ControlNet adds nothing.
+        assert not controlnet.controlnet_cond_embedding.conv_out.weight.any()
+        assert all(not r.any() for r in [*residuals[0], residuals[1]])
+    # Under the default init the control images barely differ at the encoder's output.
+    assert spread["he"] > 30 * spread["default"]
+
+
+def test_he_init_leaves_a_pretrained_controlnet_as_saved(
+    tiny_models: TinyModels, tmp_path: Path
+) -> None:
+    model = load_base_model(BaseModelConfig(source=str(tiny_models("sd15"))))
+    trained = make_controlnet(model.unet, ControlNetConfig())
+    trained.save_pretrained(tmp_path / "cn")
+    loaded = make_controlnet(
+        model.unet,
+        ControlNetConfig(pretrained=str(tmp_path / "cn"), conditioning_embedding_init="he"),
+    )
+    for (name, a), b in zip(
+        trained.state_dict().items(), loaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name

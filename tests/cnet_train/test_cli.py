@@ -32,7 +32,20 @@ def test_demo_then_export_then_pipeline(
 ) -> None:
     out = tmp_path / "demo"
     assert (
-        main(["demo", "--out", str(out), "--family", family, "--steps", "4", "--samples", "12"])
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--family",
+                family,
+                "--steps",
+                "4",
+                "--samples",
+                "12",
+                "--random-base",
+            ]
+        )
         == 0
     )
     printed = capsys.readouterr().out

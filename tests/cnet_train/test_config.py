@@ -532,6 +532,7 @@ _VALID: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], object]]] = {
         st.none() | st.lists(st.integers(1, 512), min_size=1, max_size=4),
         lambda v: None if v is None else tuple(v),
     ),
+    "controlnet.conditioning_embedding_init": (st.sampled_from(["default", "he"]), _plain),
     "optimizer.lr": (_EXPONENT_TEXT, float),
     "optimizer.betas": (
         st.lists(st.floats(0, 1, exclude_max=True), min_size=2, max_size=2),

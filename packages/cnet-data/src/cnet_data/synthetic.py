@@ -8,9 +8,10 @@ by the demos, the tests and the benchmarks; sizes vary so that several buckets a
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import attrs
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -49,20 +50,12 @@ def write_fill_dataset(
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "conditioning").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = list(COLOURS)
     lines = []
-    for i in range(count):
-        width, height = sizes[i % len(sizes)]
-        fill, background = rng.choice(len(names), size=2, replace=False)
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        image, outline = _draw(
-            (width, height), shape, COLOURS[names[fill]], COLOURS[names[background]], rng
-        )
+    for i, sample in enumerate(fill_samples(count, sizes=sizes, seed=seed)):
+        image, outline, caption = sample.image, sample.outline, sample.caption
         stem = f"{i:06d}"
         image.save(root / "images" / f"{stem}{image_suffix}")
         outline.save(root / "conditioning" / f"{stem}.png")
-        caption = f"a {names[fill]} {shape} on a {names[background]} background"
         if sidecars:
             (root / "images" / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
         lines.append(
@@ -77,6 +70,36 @@ def write_fill_dataset(
     manifest = root / "manifest.jsonl"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
+
+
+@attrs.frozen
+class FillSample:
+    """One generated sample, in memory."""
+
+    image: Image.Image
+    """The filled shape on its background (RGB)."""
+    outline: Image.Image
+    """The conditioning image: the shape's white outline on black (RGB, same size)."""
+    caption: str
+    """The colours and the shape; never where the shape is, which only the outline says."""
+
+
+def fill_samples(
+    count: int, *, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0
+) -> Iterator[FillSample]:
+    """The samples `write_fill_dataset` writes, without writing them (e.g. to pre-fit a base
+    model on the same distribution); the same `seed` and `sizes` give the same samples."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        fill, background = rng.choice(len(names), size=2, replace=False)
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        image, outline = _draw(
+            (width, height), shape, COLOURS[names[fill]], COLOURS[names[background]], rng
+        )
+        caption = f"a {names[fill]} {shape} on a {names[background]} background"
+        yield FillSample(image, outline, caption)
 
 
 def _draw(

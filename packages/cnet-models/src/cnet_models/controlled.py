@@ -57,6 +57,8 @@ def make_controlnet(unet: UNet2DConditionModel, config: ControlNetConfig) -> Con
             conditioning_channels=config.conditioning_channels,
             conditioning_embedding_out_channels=config.conditioning_embedding_out_channels,
         )
+        if config.conditioning_embedding_init == "he":
+            he_init_conditioning_embedding(controlnet)
     # Trained in float32 (under autocast), whatever dtype the frozen parts use. Typed as a
     # Module: diffusers' `to` override is wrapped in a way mypy cannot call.
     if controlnet.dtype != torch.float32:
@@ -69,6 +71,23 @@ def make_controlnet(unet: UNet2DConditionModel, config: ControlNetConfig) -> Con
     if config.unet_gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return controlnet
+
+
+def he_init_conditioning_embedding(controlnet: ControlNetModel) -> None:
+    """He-normal weights (fan-in, for the SiLU between the layers) and zero biases for the
+    control-image encoder's convolutions, all but its zero-initialised output convolution.
+
+    PyTorch's default init scales each layer's output down (a gain of about 1/sqrt(3)), and
+    the constant biases pass through where the signal fades, so at the end of a random
+    eight-layer stack the output hardly depends on the control image."""
+    embedding: nn.Module = controlnet.controlnet_cond_embedding
+    last = embedding.get_submodule("conv_out")
+    with torch.no_grad():
+        for layer in embedding.modules():
+            if isinstance(layer, nn.Conv2d) and layer is not last:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
 
 class ControlledUNet(nn.Module):

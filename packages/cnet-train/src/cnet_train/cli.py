@@ -54,8 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="tiny offline end-to-end run on CPU")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output folder")
     demo.add_argument("--family", choices=["sd15", "sd21", "sdxl"], default="sd15")
-    demo.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default 600, enough to show control)",
+    )
     demo.add_argument("--samples", type=int, default=48, help="generated samples")
+    demo.add_argument(
+        "--random-base",
+        action="store_true",
+        help="train on a tiny random base model instead of the fitted, cached one: a fast "
+        "plumbing check whose ControlNet cannot learn control",
+    )
     demo.set_defaults(run=_demo)
 
     embed = commands.add_parser("embed", help="build the text-embedding cache of CONFIG")
@@ -154,7 +165,13 @@ def _show(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cnet_train.demo import run_demo
 
-    run_demo(args.out, args.family, steps=args.steps, samples=args.samples)
+    run_demo(
+        args.out,
+        args.family,
+        **({} if args.steps is None else {"steps": args.steps}),
+        samples=args.samples,
+        random_base=args.random_base,
+    )
     return 0
 
 
