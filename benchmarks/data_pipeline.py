@@ -26,6 +26,7 @@ from PIL import Image
 from cnet_data.buckets import BucketConfig, BucketTable
 from cnet_data.dataset import ControlNetDataset
 from cnet_data.index import DatasetIndex
+from cnet_data.local_files import LocalFiles
 from cnet_data.scan import ScanConfig, scan
 from cnet_data.sources import SourceConfig
 
@@ -100,8 +101,11 @@ def main() -> None:
         dataset = ControlNetDataset(index, table, ids)
         sample = dataset[0]
         bucket = table[int(ids[0])]
+        files = LocalFiles(root)  # the baseline reads the same files by path
         base = rate(
-            lambda i: baseline_pair(index[i].image, index[i].conditioning), args.pairs, args.rounds
+            lambda i: baseline_pair(files.path(index[i].image), files.path(index[i].conditioning)),
+            args.pairs,
+            args.rounds,
         )
         ours = rate(dataset.__getitem__, args.pairs, args.rounds)
     print(f"sources: {args.pairs} JPEG pairs of {width}x{height}, {args.rounds} rounds, 1 thread")

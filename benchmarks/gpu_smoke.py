@@ -36,6 +36,7 @@ from cnet_models.families import FAMILY_NAMES, family_by_name
 from cnet_models.fullsize import build_fullsize, load_arch_config, text_encoder_class
 from cnet_models.loading import BaseModel
 from cnet_train.callbacks.base import AfterBatch
+from cnet_train.callbacks.data_progress import DataProgress
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.config import TrainConfig
@@ -156,7 +157,7 @@ def fullsize_run(out: Path, steps: int, batch_size: int) -> None:
     # No checkpoints, exports or validation: gigabytes of writes are not what this measures.
     trainer = build_trainer(
         config,
-        callbacks=[NonFiniteGuard(1), EMACallback(config.ema.config), timer],
+        callbacks=[NonFiniteGuard(1), EMACallback(config.ema.config), DataProgress(), timer],
         enable_checkpointing=False,
         logger=False,
         enable_progress_bar=False,

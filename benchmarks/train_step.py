@@ -5,8 +5,9 @@
 1. Steady state: `ControlNetModule.loss(batch, step)`, backward and the optimizer step in a
    plain loop (no Lightning), tiny sd15 at batch 4 x 64 px and tiny sdxl at batch 4 x 128 px,
    float32, `torch.set_num_threads(1)`; the median over `--steps` after `--warmup` steps.
-   Batches are built by hand (random tensors with the dataset's keys and ranges), so image
-   decoding is not in the figure: benchmarks/data_pipeline.py measures that.
+   Batches are random samples in the dataset's ranges, collated by the loader's
+   `collate_samples`, so image decoding is not in the figure: benchmarks/data_pipeline.py
+   measures that.
 2. Start-up: a fresh `python -c` that does what `cnet-train launch` does (load the YAML, `fit`)
    for one step on a fresh run directory (so the index is built, as at a first launch); the
    time from just before the process starts to the end of its first training step.
@@ -26,11 +27,12 @@ from pathlib import Path
 import attrs
 import torch
 
+from cnet_data.batch import Batch, Sample, collate_samples
 from cnet_models.families import FamilyName
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import dump_config
 from cnet_train.demo import demo_config
-from cnet_train.module import Batch, ControlNetModule
+from cnet_train.module import ControlNetModule
 from cnet_train.optim import build_optimizer
 
 CASES: tuple[tuple[FamilyName, int, int], ...] = (("sd15", 4, 64), ("sdxl", 4, 128))
@@ -57,17 +59,24 @@ fit(config, callbacks=[*build_callbacks(config), FirstStep()], enable_progress_b
 
 
 def make_batch(batch_size: int, side: int, seed: int) -> Batch:
+    """Random samples in the dataset's ranges, collated as the training loader collates them."""
     g = torch.Generator().manual_seed(seed)
-    sizes = torch.tensor([[side, side]] * batch_size, dtype=torch.int64)
-    return {
-        "image": torch.rand(batch_size, 3, side, side, generator=g) * 2 - 1,
-        "conditioning_image": torch.rand(batch_size, 3, side, side, generator=g),
-        "caption": [f"a red circle on a blue background {i}" for i in range(batch_size)],
-        "caption_key": [f"{i:032x}" for i in range(batch_size)],
-        "original_size": sizes,
-        "crop_top_left": torch.zeros(batch_size, 2, dtype=torch.int64),
-        "target_size": sizes.clone(),
-    }
+    size = torch.tensor([side, side], dtype=torch.int64)
+    samples = [
+        Sample(
+            image=torch.rand(3, side, side, generator=g) * 2 - 1,
+            conditioning_image=torch.rand(3, side, side, generator=g),
+            caption=f"a red circle on a blue background {i}",
+            caption_key=f"{i:032x}",
+            original_size=size.clone(),
+            crop_top_left=torch.zeros(2, dtype=torch.int64),
+            target_size=size.clone(),
+            bucket=0,
+            index=i,
+        )
+        for i in range(batch_size)
+    ]
+    return collate_samples(samples)
 
 
 def step_seconds(config: TrainConfig, batch: Batch, steps: int, warmup: int) -> list[float]:
@@ -123,7 +132,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, CPU, 1 thread, float32; batches built by hand")
+    print(f"torch {torch.__version__}, CPU, 1 thread, float32; random samples, collated")
     print(f"steady state: median of {args.steps} steps after {args.warmup} warm-up steps")
     print(f"{'model':<10} {'batch':>5} {'px':>5} {'s/step':>8} {'min':>8} {'max':>8}")
     with tempfile.TemporaryDirectory(prefix="cnet-train-step-") as tmp:

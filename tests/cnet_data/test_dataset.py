@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from cnet_data.batch import collate_samples
 from cnet_data.buckets import Bucket, BucketConfig, BucketTable
 from cnet_data.dataset import AugmentConfig, ControlNetDataset
 from cnet_data.index import DatasetIndex
@@ -64,7 +65,7 @@ def test_sdxl_values_describe_the_crop(tmp_path: Path) -> None:
     assert plan.resized_size == (32, 64)  # 200x100 covering 48x32 -> 64x32
     assert s["crop_top_left"].tolist() == list(plan.crop_top_left)
     # The crop equals a plain resize followed by the same crop.
-    with Image.open(index[0].image) as img:
+    with index.store.open(index[0].image) as fh, Image.open(fh) as img:
         full = np.asarray(img.resize((64, 32), Image.Resampling.BICUBIC), dtype=np.float32)
     top, left = plan.crop_top_left
     expected = torch.from_numpy(full[top : top + 32, left : left + 48]).permute(2, 0, 1) / 255
@@ -103,7 +104,7 @@ def test_loader_with_sampler_and_workers(fill_index: DatasetIndex) -> None:
     ids = table.assign(fill_index.widths, fill_index.heights)
     sampler = BucketBatchSampler(ids, 2, seed=0, bucket_log_aspects=table.log_aspects)
     dataset = ControlNetDataset(fill_index, table, sampler.bucket_ids)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collate_samples)
     seen = []
     for batch in loader:
         assert batch["image"].shape[0] == 2

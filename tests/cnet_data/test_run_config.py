@@ -17,6 +17,7 @@ from cnet_data.index import DatasetIndex
 from cnet_data.run_config import (
     DATA_KEYS,
     DEFAULT_SCAN,
+    MOVED_DATA_KEYS,
     ModelFamily,
     RunConfigError,
     bucket_config,
@@ -256,6 +257,7 @@ def test_every_problem_is_named_by_its_dotted_key(
         "scan": {"workers": "4", "on_bad": "skp"},
         "buckets": {"step": 0},
         "batch_size": 2,  # cnet-train's: known, not checked here
+        "caption_dropout": 0.1,  # an earlier config's key: refused, saying where it went
     }
     ignored = {"optimizer": {"bogus": 1}, "trainer": {"devices": "lots"}}
     config = _write_config(tmp_path / "run.yaml", data, **ignored)
@@ -264,6 +266,7 @@ def test_every_problem_is_named_by_its_dotted_key(
     assert sorted(caught.value.problems) == [
         "data.bucket: unknown key (did you mean buckets?)",
         "data.buckets: buckets.step must be positive, got 0",
+        "data.caption_dropout moved to conditioning.caption_dropout (same meaning and values)",
         "data.scan.on_bad: must be one of 'skip', 'fail', got 'skp'",
         "data.scan.workers: expected an integer, got '4'",
         "data.source.caption_key: must not be empty",
@@ -330,6 +333,8 @@ def test_sections_left_out_take_the_launch_defaults(tmp_path: Path) -> None:
         (SD15_UNET, "sd15", 512),
         (SD21_UNET, "sd21", 768),
         ({**SD21_UNET, "sample_size": 64}, "sd21", 512),
+        ({**SD15_UNET, "sample_size": 96}, "sd15", 768),  # a full-size UNet states its side
+        ({**SDXL_UNET, "sample_size": 16}, "sdxl", 1024),  # a tiny one takes the default
         ({"cross_attention_dim": 1024}, "sd21", 768),
         (SDXL_UNET, "sdxl", 1024),
         ({"addition_embed_type": "image"}, None, None),
@@ -436,6 +441,9 @@ def test_bucket_settings_that_do_not_fit_the_family_are_one_error() -> None:
 def test_data_keys_and_defaults_match_cnet_train() -> None:
     config = pytest.importorskip("cnet_train.config")
     assert tuple(f.name for f in attrs.fields(config.DataConfig)) == DATA_KEYS
+    moved = pytest.importorskip("cnet_train.conditioning_config").MOVED_KEYS
+    data_moved = {k.removeprefix("data."): v for k, v in moved.items() if k.startswith("data.")}
+    assert data_moved == MOVED_DATA_KEYS
     defaults = config.DataConfig(source=SourceConfig(Path("m")))
     assert defaults.scan == DEFAULT_SCAN
     assert defaults.buckets == BucketSettings()  # unset: the family's defaults

@@ -9,6 +9,7 @@ import attrs
 import pytest
 import torch
 
+from cnet_models.conditioning import PromptEmbeddings
 from cnet_models.configs import BaseModelConfig, ControlNetConfig
 from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet, sdxl_time_ids
 from cnet_models.facade import ControlNetModel
@@ -43,19 +44,22 @@ class Inputs:
 
 def _inputs(model: BaseModel, batch: int = 2) -> Inputs:
     g = torch.Generator().manual_seed(0)
-    added = None
-    if model.family.added_conditioning:
-        width = model.text_encoders[-1].config.projection_dim
-        assert width is not None
-        sizes = torch.tensor([[64, 64], [80, 48]][:batch])
-        added = AddedConditioning(
-            text_embeds=torch.randn(batch, width, generator=g),
-            time_ids=sdxl_time_ids(sizes, torch.tensor([[0, 0], [8, 0]][:batch]), sizes),
-        )
+    width = model.text_encoders[-1].config.projection_dim
+    assert width is not None
+    text = PromptEmbeddings(
+        torch.randn(batch, 77, model.cross_attention_dim, generator=g),
+        torch.randn(batch, width, generator=g),
+    )
+    sizes = torch.tensor([[64, 64], [80, 48]][:batch])
+    # The family's own added conditioning: SDXL's, None for SD 1.x / 2.x.
+    added = model.family.added_conditioning(
+        text, sizes, torch.tensor([[0, 0], [8, 0]][:batch]), sizes
+    )
+    assert (added is None) == (model.unet.config.get("addition_embed_type") is None)
     return Inputs(
         noisy_latents=torch.randn(batch, 4, 8, 8, generator=g),
         timesteps=torch.tensor([3, 700][:batch]),
-        encoder_hidden_states=torch.randn(batch, 77, model.cross_attention_dim, generator=g),
+        encoder_hidden_states=text.prompt_embeds,
         control_image=torch.rand(batch, 3, 64, 64, generator=g),
         added=added,
     )

@@ -26,7 +26,7 @@ from cnet_models.facade import (
     load_component,
     unet_forward,
 )
-from cnet_models.families import FAMILY_NAMES, detect_family, family_by_name
+from cnet_models.families import FAMILY_NAMES, detect_family
 from cnet_models.tiny import write_tiny_model
 from cnet_models.vocab import TINY_WORDS
 
@@ -162,7 +162,7 @@ def test_controlnet_from_tiny_unet_runs(tiny_models: TinyModels, family: str) ->
     text = torch.randn(batch, 77, width)
     control = torch.rand(batch, 3, 64, 64)
     added = None
-    if family_by_name(family).added_conditioning:
+    if unet.config.addition_embed_type == "text_time":  # SDXL's added conditioning
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * 8
         added = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.rand(batch, 6) * 64}
     with torch.no_grad():

@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import safetensors.torch
 import torch
 from typing_extensions import override
 
+from cnet_data.batch import Batch
 from cnet_train import trainer as trainer_module
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.cli import main as cli_main
@@ -116,9 +116,7 @@ class Progress(AfterBatch):
 def poison(rank: int, step: int) -> None:
     real_loss = ControlNetModule.loss
 
-    def loss(
-        self: ControlNetModule, batch: Mapping[str, Any], at: int, micro: int = 0
-    ) -> torch.Tensor:
+    def loss(self: ControlNetModule, batch: Batch, at: int, micro: int = 0) -> torch.Tensor:
         value = real_loss(self, batch, at, micro)
         if self.global_rank == rank and at >= step:
             return value * float("nan")

@@ -65,7 +65,6 @@ data:
   num_workers: 0
   prefetch_factor: 3
   pin_memory: false
-  caption_dropout: 0.1
 controlnet:
   pretrained: lllyasviel/sd-controlnet-canny
   conditioning_channels: 1
@@ -74,8 +73,9 @@ controlnet:
   unet_gradient_checkpointing: true
 cache: {path: runs/full/cache, batch_size: 16}
 optimizer: {name: adamw8bit, lr: 2e-5, betas: [0.8, 0.99], weight_decay: 0.0, eps: 1.0e-6}
-schedule: {name: cosine, warmup_steps: 100}
-loss: {min_snr_gamma: 5.0, noise_offset: 0.05, conditioning_scale: 0.5}
+schedule: {name: cosine_with_restarts, warmup_steps: 100, num_cycles: 3}
+loss: {min_snr_gamma: 5.0, noise_offset: 0.05}
+conditioning: {caption_dropout: 0.1, caption_dropout_embedding: zeros, scale: 0.5}
 ema:
   enabled: false
   config:
@@ -159,6 +159,8 @@ def test_full_config_loads_every_section_and_round_trips(tmp_path: Path) -> None
     assert config.validation.prompts == ("a red car", "a cat: sitting")
     assert config.trainer.devices == 8 and config.trainer.gradient_clip_val is None
     assert config.checkpoint.resume == "none"
+    assert config.conditioning.caption_dropout == 0.1 and config.conditioning.scale == 0.5
+    assert config.schedule.name == "cosine_with_restarts" and config.schedule.num_cycles == 3
 
     again = load_config(_write(tmp_path, dump_config(config), "dumped.yaml"))
     assert again == config
@@ -438,14 +440,15 @@ def test_validator_errors_carry_the_key_path() -> None:
     problems = _problems(
         _minimal_with(
             {
-                "data": {"batch_size": 0, "caption_dropout": 1.5, "buckets": {"step": 0}},
+                "data": {"batch_size": 0, "buckets": {"step": 0}},
+                "conditioning": {"caption_dropout": 1.5},
                 "ema": {"config": {"decay": 2.0, "update_after_step": -1}},
                 "checkpoint": {"keep_last": 0},
             }
         )
     )
     assert "data.batch_size: must be at least 1, got 0" in problems
-    assert "data.caption_dropout: must be in [0, 1], got 1.5" in problems
+    assert "conditioning.caption_dropout: must be in [0, 1], got 1.5" in problems
     assert "ema.config.decay: must be in [0, 1], got 2.0" in problems
     assert "ema.config.update_after_step: must be >= 0: -1" in problems
     assert "checkpoint.keep_last: must be at least 1, got 0" in problems
@@ -508,8 +511,8 @@ def _paths(value: object) -> object:
     return None if value is None else Path.cwd() / str(value)
 
 
-def _resume(value: str) -> str:
-    return value if value in ("auto", "none") else str(Path.cwd() / value)
+def _resume(value: str) -> str | Path:
+    return value if value in ("auto", "none") else Path.cwd() / value
 
 
 _PATH_TEXT = st.text("abc_-./", min_size=1, max_size=12)
@@ -526,7 +529,7 @@ _VALID: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], object]]] = {
     "model.vae": (st.none() | _HUB_ID, _plain),
     "data.index": (st.none() | _PATH_TEXT, _paths),
     "data.batch_size": (st.integers(1, 1024), _plain),
-    "data.caption_dropout": (st.floats(0, 1), _plain),
+    "conditioning.caption_dropout": (st.floats(0, 1), _plain),
     "data.augment.flip_probability": (st.floats(0, 1), _plain),
     "controlnet.conditioning_embedding_out_channels": (
         st.none() | st.lists(st.integers(1, 512), min_size=1, max_size=4),
@@ -544,7 +547,11 @@ _VALID: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], object]]] = {
     "ema.config.every_n_steps": (st.integers(1, 100), _plain),
     # validation.images is drawn with the prompts, to the same length (they are paired).
     "validation.prompts": (st.lists(st.text(max_size=30), max_size=3), _plain),
-    "checkpoint.resume": (st.sampled_from(["auto", "none"]) | _PATH_TEXT, _resume),
+    # A path has a / (or a suffix): a bare word is refused as a misspelt choice.
+    "checkpoint.resume": (
+        st.sampled_from(["auto", "none"]) | _PATH_TEXT.map("./".__add__),
+        _resume,
+    ),
     "trainer.precision": (st.sampled_from(["32", "bf16-mixed", "16-mixed"]), _plain),
     "trainer.strategy": (st.sampled_from(["auto", "ddp", "deepspeed", "fsdp"]), _plain),
     "trainer.devices": (st.integers(1, 64) | st.just("auto"), _plain),
@@ -615,7 +622,10 @@ def test_deepspeed_refuses_16_mixed() -> None:
         ({"optimizer": {"betas": [0.9, 1.0]}}, "optimizer.betas"),
         ({"loss": {"noise_offset": float("inf")}}, "loss.noise_offset"),
         ({"loss": {"min_snr_gamma": -5.0}}, "loss.min_snr_gamma"),
-        ({"loss": {"conditioning_scale": float("-inf")}}, "loss.conditioning_scale"),
+        ({"conditioning": {"scale": float("-inf")}}, "conditioning.scale"),
+        ({"conditioning": {"caption_dropout": float("nan")}}, "conditioning.caption_dropout"),
+        ({"schedule": {"power": 0}}, "schedule.power"),
+        ({"schedule": {"num_cycles": 0}}, "schedule.num_cycles"),
         ({"validation": {"guidance_scale": float("nan")}}, "validation.guidance_scale"),
         ({"validation": {"resolution": 500}}, "validation.resolution"),
         ({"validation": {"seed": -2}}, "validation.seed"),
@@ -659,7 +669,8 @@ def test_the_edges_of_the_ranges_are_accepted() -> None:
             {
                 "seed": 2**32 - 1,
                 "optimizer": {"betas": [0.0, 0.999], "weight_decay": 0},
-                "loss": {"noise_offset": 0, "conditioning_scale": -1.0},
+                "loss": {"noise_offset": 0},
+                "conditioning": {"scale": -1.0},
                 "trainer": {"devices": 1},
                 "validation": {"resolution": 8, "seed": 0},
             }
@@ -777,7 +788,7 @@ def test_relative_paths_resolve_against_the_file_and_overrides_against_the_cwd(
     assert config.model.vae == str(folder / "org/vae")
     assert config.controlnet.pretrained == "lllyasviel/sd-controlnet-canny"  # a hub id
     assert config.cache.path == Path.home() / "cache"
-    assert config.checkpoint.resume == str(folder / "ckpt/last.ckpt")
+    assert config.checkpoint.resume == folder / "ckpt/last.ckpt"
     assert config.data.index == Path.cwd() / "idx"  # from --set
     # `models/sd15` next to the file is that folder; where there is none, it is a hub id.
     assert load_config(_write(folder, MINIMAL)).model.source == str(folder / "models/sd15")

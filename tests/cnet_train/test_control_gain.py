@@ -8,7 +8,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from typing_extensions import override
 
+from cnet_data.batch import Batch
 from cnet_models.controlled import AddedConditioning, ControlledUNet
 from cnet_train.callbacks.control_gain import ControlGainCallback
 from cnet_train.callbacks.history import CONTROL_GAIN_CSV, StepTable
@@ -45,7 +46,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def batches(config: TrainConfig) -> list[dict[str, Any]]:
+def batches(config: TrainConfig) -> list[Batch]:
     return held_out_batches(config)
 
 
@@ -60,12 +61,12 @@ def _module_with_condition_path(config: TrainConfig) -> ControlNetModule:
     return module
 
 
-def _measure(module: ControlNetModule, batches: list[dict[str, Any]]) -> ControlGain:
+def _measure(module: ControlNetModule, batches: list[Batch]) -> ControlGain:
     return measure_control_gain(module, batches, repeats=2)
 
 
 def test_held_out_batches_are_fixed_and_pair_samples_of_one_size(
-    config: TrainConfig, batches: list[dict[str, Any]]
+    config: TrainConfig, batches: list[Batch]
 ) -> None:
     again = held_out_batches(config)
     assert [b["index"].tolist() for b in batches] == [b["index"].tolist() for b in again]
@@ -75,9 +76,7 @@ def test_held_out_batches_are_fixed_and_pair_samples_of_one_size(
     assert sum(len(b["index"]) for b in batches) >= SMALL.samples
 
 
-def test_zeroed_condition_path_has_gain_one(
-    config: TrainConfig, batches: list[dict[str, Any]]
-) -> None:
+def test_zeroed_condition_path_has_gain_one(config: TrainConfig, batches: list[Batch]) -> None:
     module = _module_with_condition_path(config)
     live = _measure(module, batches)
     assert live.true_loss != live.shuffled_loss  # the condition reaches the prediction
@@ -93,7 +92,7 @@ def test_zeroed_condition_path_has_gain_one(
 
 
 def test_measurement_is_deterministic_and_restores_training_mode(
-    config: TrainConfig, batches: list[dict[str, Any]]
+    config: TrainConfig, batches: list[Batch]
 ) -> None:
     module = _module_with_condition_path(config)
     module.controlnet.train()
@@ -107,9 +106,9 @@ def test_measurement_is_deterministic_and_restores_training_mode(
     assert sum(r.draws for r in first.by_timestep) == 2 * sum(len(b["index"]) for b in batches)
 
 
-def test_batches_of_one_are_refused(config: TrainConfig, batches: list[dict[str, Any]]) -> None:
+def test_batches_of_one_are_refused(config: TrainConfig, batches: list[Batch]) -> None:
     module = ControlNetModule(config)
-    single = {k: v[:1] for k, v in batches[0].items()}
+    single = cast("Batch", {k: v[:1] for k, v in dict[str, Any](batches[0]).items()})
     with pytest.raises(ValueError, match="at least 2 samples"):
         measure_control_gain(module, [single])
 
@@ -157,10 +156,10 @@ def _latents(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_model_that_uses_its_condition_has_gain_above_one(
-    config: TrainConfig, batches: list[dict[str, Any]]
+    config: TrainConfig, batches: list[Batch]
 ) -> None:
     module = _OracleModule(config)
-    own = [{**b, "conditioning_image": (b["image"] + 1) / 2} for b in batches]
+    own: list[Batch] = [{**b, "conditioning_image": (b["image"] + 1) / 2} for b in batches]
     gain = measure_control_gain(module, own, repeats=2)
     assert gain.true_loss < 1e-3 < gain.shuffled_loss
     assert gain.gain > 10

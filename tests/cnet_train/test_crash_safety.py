@@ -31,6 +31,7 @@ from cnet_train.config_io import dump_config
 RunRanks = Callable[..., list[str]]
 WORKER = Path(__file__).with_name("crash_worker.py")
 STEPS = 6
+pytestmark = pytest.mark.slow  # each test kills and relaunches whole runs
 
 
 @pytest.fixture(scope="module")

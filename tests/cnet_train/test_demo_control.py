@@ -35,6 +35,7 @@ step 600 over seeds 0-3: 1.233, 1.664, 1.547, 1.430; this test runs seed 0, the 
 QUICK = BaseFitConfig(samples=16, batch_size=4, vae_steps=2, unet_steps=2)
 
 
+@pytest.mark.slow
 def test_the_demo_learns_control(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out

@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from cnet_data.batch import Batch
 from cnet_models.families import FAMILIES, unconditional_zeros, zeros_for_empty_prompt
 from cnet_models.pipelines import controlnet_pipeline, generate, read_model_index
 from cnet_models.text import PromptEmbeddings
+from cnet_train.conditioning_config import ConditioningConfig
 from cnet_train.config import CacheConfig, TrainConfig
 from cnet_train.data import ControlNetDataModule
 from cnet_train.embed import embed_captions
@@ -27,16 +29,20 @@ from cnet_train.module import ControlNetModule
 MakeConfig = Callable[..., TrainConfig]
 
 
-def _first_batch(config: TrainConfig) -> dict[str, Any]:
+def _first_batch(config: TrainConfig) -> Batch:
     data = ControlNetDataModule(config)
     data.setup("fit")
-    batch: dict[str, Any] = next(iter(data.train_dataloader()))
+    batch: Batch = next(iter(data.train_dataloader()))
     return batch
+
+
+def _dropping(probability: float, choice: Any = "auto") -> ConditioningConfig:
+    return ConditioningConfig(caption_dropout=probability, caption_dropout_embedding=choice)
 
 
 def _dropped(make_config: MakeConfig, family: str, choice: str, *, cached: bool) -> Any:
     """(module, conditioning of a batch with every caption dropped, the batch)."""
-    config = make_config(family, data_caption_dropout=1.0, data_caption_dropout_embedding=choice)
+    config = make_config(family, conditioning=_dropping(1.0, choice))
     if cached:
         config = attrs.evolve(config, cache=CacheConfig(path=config.run_dir / "cache"))
         embed_captions(config)
@@ -88,7 +94,7 @@ def test_dropped_captions_follow_the_choice(
 
 
 def test_kept_captions_are_not_zeroed(make_config: MakeConfig) -> None:
-    config = make_config("sdxl", data_caption_dropout=0.0)
+    config = make_config("sdxl", conditioning=_dropping(0.0))
     module = ControlNetModule(config)
     batch = _first_batch(config)
     text = module.condition(batch, module.step_generator(0))
@@ -98,7 +104,7 @@ def test_kept_captions_are_not_zeroed(make_config: MakeConfig) -> None:
 
 
 def test_some_dropped_some_kept_with_zeros(make_config: MakeConfig) -> None:
-    config = make_config("sdxl", data_caption_dropout=0.5, data_batch_size=4)
+    config = make_config("sdxl", conditioning=_dropping(0.5), data_batch_size=4)
     module = ControlNetModule(config)
     batch = _first_batch(config)
     encoded = module.prompt_encoder.encode(list(batch["caption"]))
@@ -117,7 +123,7 @@ def test_some_dropped_some_kept_with_zeros(make_config: MakeConfig) -> None:
 
 
 def test_a_folder_that_turns_zeros_off_is_followed(make_config: MakeConfig) -> None:
-    config = make_config("sdxl", data_caption_dropout=1.0)
+    config = make_config("sdxl", conditioning=_dropping(1.0))
     index_path = Path(config.model.source) / "model_index.json"
     index = json.loads(index_path.read_text())
     assert index["force_zeros_for_empty_prompt"] is True  # the tiny SDXL folder says so

@@ -32,7 +32,7 @@ def test_example_loads_with_real_run_values(path: Path) -> None:
     assert config.trainer.precision == "bf16-mixed"
     assert config.trainer.accelerator == "gpu"
     assert config.model.frozen_dtype == "bfloat16"
-    assert config.data.caption_dropout == pytest.approx(0.05)
+    assert config.conditioning.caption_dropout == pytest.approx(0.05)
     assert config.ema.enabled
     assert config.checkpoint.every_n_steps > 0
     assert config.export.every_n_steps > 0

@@ -13,6 +13,7 @@ import attrs
 import pytest
 import torch
 
+from cnet_data.batch import Batch
 from cnet_models.configs import DTypeName
 from cnet_train.config import TrainConfig, ValidationConfig
 from cnet_train.data import ControlNetDataModule
@@ -22,10 +23,10 @@ from cnet_train.trainer import RankFailedError, check_local_ranks, fit
 MakeConfig = Callable[..., TrainConfig]
 
 
-def _first_batch(config: TrainConfig) -> dict[str, Any]:
+def _first_batch(config: TrainConfig) -> Batch:
     data = ControlNetDataModule(config)
     data.setup("fit")
-    batch: dict[str, Any] = next(iter(data.train_dataloader()))
+    batch: Batch = next(iter(data.train_dataloader()))
     return batch
 
 

@@ -155,7 +155,7 @@ def _bytes_on_disk(checkpoint: Path) -> int:
 
 def _by_prefix(keys: list[str]) -> dict[str, int]:
     def prefix(key: str) -> str:
-        if "EMACallback" in key:
+        if "cnet.ema" in key:
             return "ema"
         if "optim" in key:
             return "optimizer"

@@ -14,12 +14,14 @@ import pytest
 import torch
 from typing_extensions import override
 
+from cnet_data.batch import Batch
 from cnet_data.captions import caption_key_hex
 from cnet_data.embcache import CacheMismatchError
 from cnet_data.sources import SourceConfig
 from cnet_data.synthetic import write_fill_dataset
 from cnet_models.facade import ControlNetModel
 from cnet_train.callbacks.base import AfterBatch
+from cnet_train.conditioning_config import ConditioningConfig
 from cnet_train.config import CacheConfig, TrainConfig, ValidationConfig
 from cnet_train.data import ControlNetDataModule
 from cnet_train.embed import embed_captions
@@ -30,10 +32,10 @@ MakeConfig = Callable[..., TrainConfig]
 QUIET: dict[str, Any] = {"enable_progress_bar": False}
 
 
-def _first_batch(config: TrainConfig) -> dict[str, Any]:
+def _first_batch(config: TrainConfig) -> Batch:
     data = ControlNetDataModule(config)
     data.setup("fit")
-    batch: dict[str, Any] = next(iter(data.train_dataloader()))
+    batch: Batch = next(iter(data.train_dataloader()))
     return batch
 
 
@@ -93,7 +95,7 @@ def test_sdxl_time_ids_follow_each_sample(make_config: MakeConfig, tmp_path: Pat
 
 
 def test_caption_dropout_is_drawn_at_every_step(make_config: MakeConfig) -> None:
-    config = make_config("sd15", data_caption_dropout=0.5)
+    config = make_config("sd15", conditioning=ConditioningConfig(caption_dropout=0.5))
     module = ControlNetModule(config)
     batch = _first_batch(config)
     empty = module.prompt_encoder.empty_prompt().prompt_embeds[0]
@@ -108,7 +110,7 @@ def test_caption_dropout_is_drawn_at_every_step(make_config: MakeConfig) -> None
 
 
 def test_cache_gives_the_same_loss_as_online_encoding(make_config: MakeConfig) -> None:
-    online = make_config("sdxl", data_caption_dropout=0.3)
+    online = make_config("sdxl", conditioning=ConditioningConfig(caption_dropout=0.3))
     cached = attrs.evolve(online, cache=CacheConfig(path=online.run_dir / "cache"))
     embed_captions(cached)
     batch = _first_batch(online)

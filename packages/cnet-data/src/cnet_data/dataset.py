@@ -1,14 +1,15 @@
 """The training dataset: bucket-sized image and conditioning crops with SDXL size conditioning.
 
 The image and its conditioning image share one crop plan (the same resize, crop and flip), so
-they stay aligned pixel for pixel. Augmentation is a pure function of (seed, epoch, index): a
-resumed run draws the same crops as an uninterrupted one, in any worker process.
+they stay aligned pixel for pixel. Both are read through the index's store
+(`DatasetIndex.store.open`), whatever kind of source the index was built from. Augmentation is
+a pure function of (seed, epoch, index): a resumed run draws the same crops as an
+uninterrupted one, in any worker process.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TypedDict
 
 import attrs
 import numpy as np
@@ -18,35 +19,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from cnet_data.batch import Sample
 from cnet_data.buckets import BucketTable
 from cnet_data.geometry import CropPlan, plan_crop
 from cnet_data.imageio import DEFAULT_MAX_PIXELS, allow_pixels, load_cropped
 from cnet_data.index import DatasetIndex
 
+__all__ = ["AugmentConfig", "ControlNetDataset", "Sample"]
+"""`Sample` lives in `cnet_data.batch` with `Batch`; it stays importable from here."""
+
 logger = logging.getLogger(__name__)
 
 _MAX_REPLACEMENTS = 16
-
-
-class Sample(TypedDict):
-    """One training sample; `torch.utils.data.default_collate` batches it."""
-
-    image: torch.Tensor
-    """float32 (3, H, W) in [-1, 1]: what the VAE encodes."""
-    conditioning_image: torch.Tensor
-    """float32 (3, H, W) in [0, 1]: what diffusers' ControlNet pipelines feed at inference."""
-    caption: str
-    caption_key: str
-    """Hex key of the caption in the embedding cache."""
-    original_size: torch.Tensor
-    """int64 (2,): source (height, width), SDXL micro-conditioning."""
-    crop_top_left: torch.Tensor
-    """int64 (2,): crop (top, left) in resized coordinates, SDXL micro-conditioning."""
-    target_size: torch.Tensor
-    """int64 (2,): bucket (height, width), SDXL micro-conditioning."""
-    bucket: int
-    index: int
-    """The dataset index of the sample actually returned (see `ControlNetDataset`)."""
 
 
 @attrs.frozen
@@ -154,9 +138,8 @@ class ControlNetDataset(Dataset[Sample]):
     def _load(self, i: int) -> Sample:
         entry = self.index[i]
         plan = self.plan(i)
-        resample = _RESAMPLE[self.augment.resample]
-        image = _to_tensor(load_cropped(entry.image, plan, resample=resample))
-        cond = _to_tensor(load_cropped(entry.conditioning, plan, resample=resample))
+        image = _to_tensor(self._load_member(entry.image, plan))
+        cond = _to_tensor(self._load_member(entry.conditioning, plan))
         return Sample(
             image=image.mul_(2.0 / 255.0).sub_(1.0),
             conditioning_image=cond.mul_(1.0 / 255.0),
@@ -169,12 +152,16 @@ class ControlNetDataset(Dataset[Sample]):
             index=i,
         )
 
+    def _load_member(self, reference: str, plan: CropPlan) -> Image.Image:
+        with self.index.store.open(reference) as fh:
+            return load_cropped(fh, plan, resample=_RESAMPLE[self.augment.resample])
+
     def _note_failure(self, i: int, exc: Exception) -> None:
         self.replaced += 1
         logger.warning(
             "sample %d (%s) failed to decode and is replaced by another of its bucket: %s",
             i,
-            self.index[i].image,
+            self.index.store.describe(self.index[i].image),
             exc,
         )
 

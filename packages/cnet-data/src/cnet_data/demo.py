@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cnet_data.atomic import atomic_open
+from cnet_data.batch import collate_samples
 from cnet_data.bucket_report import bucket_rows, format_table, write_histogram
 from cnet_data.buckets import BucketConfig, BucketTable
 from cnet_data.dataset import AugmentConfig, ControlNetDataset
@@ -46,7 +47,7 @@ def run_demo(out: Path, *, samples: int = 48, batch_size: int = 4) -> None:
     dataset = ControlNetDataset(
         index, table, sampler.bucket_ids, augment=AugmentConfig(flip_probability=0.5)
     )
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_samples)
     batch = next(iter(loader))
     print(
         f"{len(sampler)} batches per epoch; first batch: images {tuple(batch['image'].shape)}, "

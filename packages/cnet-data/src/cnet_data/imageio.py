@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import attrs
 import numpy as np
@@ -62,23 +62,37 @@ def allow_pixels(limit: int) -> None:
         Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
 
 
-def probe_image(path: Path, *, max_pixels: int, verify: VerifyMode = "header") -> ImageInfo:
-    """Size, format and mode of `path`, or `BadImageError` saying what is wrong with it."""
+def probe_image(
+    source: Path | BinaryIO, *, max_pixels: int, verify: VerifyMode = "header"
+) -> ImageInfo:
+    """Size, format and mode of the image at `source` (a path, or a seekable binary file that
+    a `SampleStore` opened), or `BadImageError` saying what is wrong with it."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _probe_stream(source, max_pixels, verify)
     try:
-        size = os.path.getsize(path)
+        with open(source, "rb") as fh:
+            return _probe_stream(fh, max_pixels, verify)
     except FileNotFoundError:
         raise BadImageError("missing_file", "file does not exist") from None
+    except OSError as exc:  # the stream's own errors are BadImageError already
+        raise BadImageError("unreadable", f"cannot open file: {exc.strerror}") from None
+
+
+def _probe_stream(fh: BinaryIO, max_pixels: int, verify: VerifyMode) -> ImageInfo:
+    try:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(0)
     except OSError as exc:
-        raise BadImageError("unreadable", f"cannot stat file: {exc.strerror}") from None
+        raise BadImageError("unreadable", f"cannot read file: {exc.strerror}") from None
     if size == 0:
         raise BadImageError("empty_file", "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fh) as img:
                 info = _header_info(img)
                 _check_pixels(info, max_pixels)
-                if verify == "decode" or not _tail_is_complete(path, img.format, size):
+                if verify == "decode" or not _tail_is_complete(fh, img.format, size):
                     _full_decode(img)
     except BadImageError:
         raise
@@ -121,17 +135,22 @@ def _check_pixels(info: ImageInfo, max_pixels: int) -> None:
         )
 
 
-def _tail_is_complete(path: Path, fmt: str | None, size: int) -> bool:
+def _tail_is_complete(fh: BinaryIO, fmt: str | None, size: int) -> bool:
     """Whether the file ends the way a complete file of its format must.
 
-    Formats without such a marker answer False, which sends them to a full decode.
+    Formats without such a marker answer False, which sends them to a full decode. The file's
+    position is restored: Pillow may go on reading from it.
     """
-    with open(path, "rb") as fh:
+    position = fh.tell()
+    try:
         if fmt == "WEBP":
+            fh.seek(0)
             header = fh.read(8)
             return len(header) == 8 and int.from_bytes(header[4:8], "little") + 8 <= size
         fh.seek(max(0, size - _TAIL_BYTES))
         tail = fh.read()
+    finally:
+        fh.seek(position)
     if fmt == "JPEG":
         # 0xFFD9 (end of image) cannot occur inside entropy-coded data, which stuffs 0xFF bytes.
         return b"\xff\xd9" in tail
@@ -177,13 +196,14 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
 
 
 def load_cropped(
-    path: Path,
+    source: Path | BinaryIO,
     plan: CropPlan,
     *,
     resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> Image.Image:
-    """Decode `path` and apply `plan`: the bucket-sized RGB crop, flipped if the plan says so."""
-    with Image.open(path) as img:
+    """Decode `source` (a path or a binary file) and apply `plan`: the bucket-sized RGB crop,
+    flipped if the plan says so."""
+    with Image.open(source) as img:
         orientation = exif_orientation(img)
         swaps = orientation in _SWAPPING_ORIENTATIONS
         oriented_size = img.size[::-1] if swaps else img.size

@@ -1,10 +1,15 @@
 """The compact on-disk dataset index: columns of numbers and packed strings, memory-mapped.
 
-A directory holding `index.json` (format, version, dataset root, count) and one file per column:
+A directory holding `index.json` (format, version, count, and the `store` its samples are read
+from: `SampleStore.header()`, e.g. `{"kind": "files", "root": ...}`) and one file per column:
 `sizes.npy` (N x 2 int32: height, width after EXIF orientation), `caption_keys.npy` (N x 16
 bytes) and, for each of images, conditioning images and captions, a UTF-8 blob with an offsets
-array. Loading maps the files and creates no Python object per sample, so a 10-million-sample
-index opens in milliseconds and costs RAM only for the pages actually read.
+array. The image and conditioning columns hold the store's references (for local files, paths
+relative to the dataset root). Loading maps the files and creates no Python object per sample,
+so a 10-million-sample index opens in milliseconds and costs RAM only for the pages actually read.
+
+Version 2 added the store; an index of version 1 (paths under a `root`) is refused with a
+message to re-index, and `is_older_index` lets a launch rebuild it by itself.
 
 `index.json` with `"format": "cnet-data-index"` is the marker by which a folder is known to be
 an index: `IndexBuilder.write` replaces only such a folder, and only when it holds nothing but
@@ -26,11 +31,15 @@ import numpy.typing as npt
 from typing_extensions import override
 
 from cnet_data import outdir
+from cnet_data.atomic import write_durably
 from cnet_data.captions import caption_key
 from cnet_data.errors import CnetError
+from cnet_data.local_files import LocalFiles
+from cnet_data.source_protocol import SampleStore
+from cnet_data.source_registry import store_from_header
 
 INDEX_FORMAT = "cnet-data-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _TEXT_COLUMNS = ("images", "conditioning", "captions")
 _T = TypeVar("_T", bound=np.generic)
 INDEX_FILES = frozenset(
@@ -81,8 +90,10 @@ class StringColumn:
 class IndexedSample:
     """Everything the index knows about one sample."""
 
-    image: Path
-    conditioning: Path
+    image: str
+    """The image member's reference in the index's store (`DatasetIndex.store.open`)."""
+    conditioning: str
+    """The conditioning image member's reference in the index's store."""
     caption: str
     caption_key: str
     """Hex digest of the caption: the embedding cache's key."""
@@ -100,7 +111,9 @@ class DatasetIndex:
         if not isinstance(count, int) or count < 0:
             raise IndexFormatError(f"index {self.directory}: bad sample count {count!r}")
         self.count = count
-        self.root = Path(root) if root is not None else Path(str(header["root"]))
+        self._root_override = Path(root) if root is not None else None
+        self.store = _store_of(self.directory, header, self._root_override)
+        """Where the samples' references are opened (moved to `root` when one is given)."""
         self.header = header
         self.sizes = self._array("sizes.npy", np.int32)
         """(height, width) per sample, after EXIF orientation."""
@@ -115,12 +128,17 @@ class DatasetIndex:
     def __getstate__(self) -> dict[str, object]:
         # Pickling a memory map would copy its data into every DataLoader worker (spawn and
         # forkserver pickle the dataset); send the location instead and map again there.
-        return {"directory": self.directory, "root": self.root}
+        return {"directory": self.directory, "root": self._root_override}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         directory, root = state["directory"], state["root"]
-        assert isinstance(directory, Path) and isinstance(root, Path)
+        assert isinstance(directory, Path) and (root is None or isinstance(root, Path))
         self.__init__(directory, root=root)  # type: ignore[misc]
+
+    @property
+    def root(self) -> Path:
+        """Where the dataset is (the store's root)."""
+        return self.store.root
 
     @property
     def heights(self) -> npt.NDArray[np.int32]:
@@ -140,8 +158,8 @@ class DatasetIndex:
         i %= self.count
         h, w = self.sizes[i]
         return IndexedSample(
-            image=self.root / self._columns["images"][i],
-            conditioning=self.root / self._columns["conditioning"][i],
+            image=self._columns["images"][i],
+            conditioning=self._columns["conditioning"][i],
             caption=self._columns["captions"][i],
             caption_key=self.caption_keys[i].tobytes().hex(),
             size=(int(h), int(w)),
@@ -203,15 +221,31 @@ def _read_header(directory: Path) -> dict[str, object]:
     if header.get("version") != INDEX_VERSION:
         raise IndexFormatError(
             f"index {directory} has version {header.get('version')}, this cnet-data reads "
-            f"version {INDEX_VERSION}; re-index the dataset"
+            f"version {INDEX_VERSION} (version 2 records the store its samples are read "
+            "from); re-index the dataset (a training launch rebuilds an older index itself)"
         )
     return header
 
 
-class IndexBuilder:
-    """Accumulates samples in compact columns (no object per sample) and writes them atomically."""
+def _store_of(directory: Path, header: dict[str, object], root: Path | None) -> SampleStore:
+    described = header.get("store")
+    if not isinstance(described, dict):
+        raise IndexFormatError(f"index {directory}: index.json names no sample store")
+    try:
+        return store_from_header(described, root=root)
+    except ValueError as exc:
+        hint = exc.hint if isinstance(exc, CnetError) else "re-index the dataset"
+        raise IndexFormatError(f"index {directory}: {exc}", hint=hint) from None
 
-    def __init__(self) -> None:
+
+class IndexBuilder:
+    """Accumulates samples in compact columns (no object per sample) and writes them atomically.
+
+    `store` is where the references added are opened; without one, `write` needs `root` and
+    the references are paths under it (`LocalFiles`)."""
+
+    def __init__(self, store: SampleStore | None = None) -> None:
+        self.store = store
         self._sizes = array("i")
         self._keys = bytearray()
         self._blobs = {name: bytearray() for name in _TEXT_COLUMNS}
@@ -227,14 +261,23 @@ class IndexBuilder:
             self._blobs[name] += text.encode("utf-8")
             self._offsets[name].append(len(self._blobs[name]))
 
-    def write(self, directory: Path, *, root: Path, extra: dict[str, object] | None = None) -> None:
+    def write(
+        self,
+        directory: Path,
+        *,
+        root: Path | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
         """Write the index to `directory`: a new or empty folder, or over an older index.
 
-        Anything else there is refused before any work is done (`outdir.OutputPathError`), so
-        a mistyped path costs nothing. The index is staged beside and renamed in whole, so a
-        crash leaves the old index or the new one, and the next write cleans the leftover.
+        `root` moves the builder's store there (or, for a builder without one, makes the
+        references paths under it). Anything else at `directory` is refused before any work is
+        done (`outdir.OutputPathError`), so a mistyped path costs nothing. The index is staged
+        beside and renamed in whole, so a crash leaves the old index or the new one, and the
+        next write cleans the leftover.
         """
         directory = Path(directory)
+        store = self._store(root)
         directory.parent.mkdir(parents=True, exist_ok=True)
         outdir.claim_directory(directory, INDEX_OWNERSHIP)
         outdir.clean_stale(directory, INDEX_OWNERSHIP)
@@ -244,7 +287,7 @@ class IndexBuilder:
             header = {
                 "format": INDEX_FORMAT,
                 "version": INDEX_VERSION,
-                "root": str(Path(root).absolute()),
+                "store": dict(store.header()),
                 "count": len(self),
                 **(extra or {}),
             }
@@ -253,6 +296,14 @@ class IndexBuilder:
         except BaseException:
             outdir.remove_owned(staging, INDEX_OWNERSHIP)
             raise
+
+    def _store(self, root: Path | None) -> SampleStore:
+        if root is not None:
+            moved = Path(root).absolute()
+            return self.store.relocated(moved) if self.store is not None else LocalFiles(moved)
+        if self.store is None:
+            raise ValueError("IndexBuilder.write needs root= for a builder made without a store")
+        return self.store
 
     def _write_columns(self, out: Path) -> None:
         n = len(self)
@@ -264,11 +315,11 @@ class IndexBuilder:
 
 
 def _write_blob(path: Path, data: bytes | bytearray) -> None:
-    outdir.write_durably(path, lambda fh: fh.write(data))
+    write_durably(path, lambda fh: fh.write(data))
 
 
 def _save(path: Path, values: npt.NDArray[np.generic]) -> None:
-    outdir.write_durably(path, lambda fh: np.save(fh, values, allow_pickle=False))
+    write_durably(path, lambda fh: np.save(fh, values, allow_pickle=False))
 
 
 def is_index_directory(path: Path) -> bool:
@@ -282,6 +333,15 @@ def is_index_directory(path: Path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(content, dict) and content.get("format") == INDEX_FORMAT
+
+
+def is_older_index(path: Path) -> bool:
+    """Whether `path` holds an index written by an older cnet-data (a lower version), which a
+    launch replaces by re-indexing rather than failing."""
+    if not is_index_directory(path):
+        return False
+    version = json.loads((path / "index.json").read_bytes()).get("version")
+    return isinstance(version, int) and version < INDEX_VERSION
 
 
 INDEX_OWNERSHIP = outdir.Ownership("a cnet-data index", INDEX_FILES, is_index_directory)

@@ -25,10 +25,11 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import attrs
 
+from cnet_data.atomic import fsync_path
 from cnet_data.errors import CnetError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def clean_stale(target: Path, kind: Ownership) -> None:
 
 def commit_directory(staging: Path, target: Path, kind: Ownership) -> None:
     """Put the complete `staging` folder at `target`; an old output there goes only after."""
-    fsync_directory(staging)
+    fsync_path(staging)
     state = claim_directory(target, kind)
     if state != "ours":
         # rename(2) replaces nothing or an empty folder, and fails if a file or a non-empty
@@ -143,7 +144,7 @@ def commit_directory(staging: Path, target: Path, kind: Ownership) -> None:
         remove_owned(staging, kind)  # now the old output
     else:
         _replace_in_two_steps(staging, target, kind)
-    fsync_directory(target.parent)
+    fsync_path(target.parent)
 
 
 def _replace_in_two_steps(staging: Path, target: Path, kind: Ownership) -> None:
@@ -178,26 +179,6 @@ def remove_owned(folder: Path, kind: Ownership) -> bool:
         logger.warning("left %s in place: %s", folder, exc.strerror)
         return False
     return True
-
-
-def write_durably(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Create `path` (which must not exist), let `write` fill it, and fsync it."""
-    with open(path, "xb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def fsync_directory(folder: Path) -> None:
-    """Make the names in `folder` durable (a no-op where the filesystem cannot)."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -25,11 +25,19 @@ from tqdm import tqdm
 
 from cnet_data.atomic import atomic_write_text
 from cnet_data.errors import CnetError
-from cnet_data.imageio import DEFAULT_MAX_PIXELS, BadImageError, VerifyMode, probe_image
+from cnet_data.imageio import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    ImageInfo,
+    VerifyMode,
+    probe_image,
+)
 from cnet_data.index import IndexBuilder
 from cnet_data.jsonlines import LineCount
 from cnet_data.outdir import claim_file
-from cnet_data.sources import RawSample, SourceConfig, read_source
+from cnet_data.source_protocol import SampleStore, SourceRecord
+from cnet_data.source_registry import source_for
+from cnet_data.sources import SourceConfig
 
 OnBad = Literal["skip", "fail"]
 REPORT_FORMAT = "cnet-data-scan-report"
@@ -195,13 +203,13 @@ def scan(
     source: SourceConfig, config: ScanConfig = ScanConfig(), *, progress: bool = True
 ) -> tuple[IndexBuilder, ScanReport]:
     """Probe every sample of `source`; return the index of the good ones and the report."""
-    root = source.root
-    builder = IndexBuilder()
+    reader = source_for(source)
+    builder = IndexBuilder(reader.store)
     report = ScanReport(source=str(source.path))
     lines = LineCount()
-    samples = read_source(source, lines)
+    samples = reader.records(lines)
     bar = tqdm(desc="indexing", unit="sample", disable=not progress)
-    for raw, outcome in _probe_all(root, samples, config):
+    for raw, outcome in _probe_all(reader.store, samples, config):
         report.total += 1
         bar.update()
         if isinstance(outcome, _Bad):
@@ -213,7 +221,7 @@ def scan(
         report.empty_captions += outcome.caption == ""
         builder.add(raw.image, raw.conditioning, outcome.caption, outcome.height, outcome.width)
     bar.close()
-    if source.resolved_format != "folder":
+    if reader.counts_lines:
         report.lines_read, report.blank_lines = lines.lines, lines.blank
     if report.accepted == 0:
         raise NoSamplesError(report)
@@ -223,8 +231,8 @@ def scan(
 
 
 def _probe_all(
-    root: Path, samples: Iterable[RawSample], config: ScanConfig
-) -> Iterator[tuple[RawSample, _Good | _Bad]]:
+    store: SampleStore, samples: Iterable[SourceRecord], config: ScanConfig
+) -> Iterator[tuple[SourceRecord, _Good | _Bad]]:
     workers = config.workers or os.cpu_count() or 1
     chunks = _chunks(samples, _CHUNK)
     first = next(chunks, None)
@@ -233,13 +241,13 @@ def _probe_all(
     second = next(chunks, None)
     if workers == 1 or second is None:  # a small dataset is not worth starting processes for
         for chunk in itertools.chain([first], [second] if second else [], chunks):
-            yield from zip(chunk, _probe_chunk(root, chunk, config), strict=True)
+            yield from zip(chunk, _probe_chunk(store, chunk, config), strict=True)
         return
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: list[tuple[list[RawSample], Future[list[_Good | _Bad]]]] = []
+        pending: list[tuple[list[SourceRecord], Future[list[_Good | _Bad]]]] = []
         for chunk in itertools.chain([first, second], chunks):
-            pending.append((chunk, pool.submit(_probe_chunk, root, chunk, config)))
+            pending.append((chunk, pool.submit(_probe_chunk, store, chunk, config)))
             # Keep a bounded number of chunks in flight so a huge source streams through.
             if len(pending) >= 4 * workers:
                 done, fut = pending.pop(0)
@@ -248,28 +256,30 @@ def _probe_all(
             yield from zip(done, fut.result(), strict=True)
 
 
-def _chunks(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+def _chunks(items: Iterable[SourceRecord], size: int) -> Iterator[list[SourceRecord]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
-def _probe_chunk(root: Path, chunk: list[RawSample], config: ScanConfig) -> list[_Good | _Bad]:
-    return [_probe_sample(root, raw, config) for raw in chunk]
+def _probe_chunk(
+    store: SampleStore, chunk: list[SourceRecord], config: ScanConfig
+) -> list[_Good | _Bad]:
+    return [_probe_sample(store, raw, config) for raw in chunk]
 
 
-def _probe_sample(root: Path, raw: RawSample, config: ScanConfig) -> _Good | _Bad:
+def _probe_sample(store: SampleStore, raw: SourceRecord, config: ScanConfig) -> _Good | _Bad:
     if raw.problem is not None:
         return _Bad(*raw.problem)
-    caption = _caption_of(root, raw)
+    caption = _caption_of(store, raw)
     if isinstance(caption, _Bad):
         return caption
     sizes = []
-    for label, rel in (("image", raw.image), ("conditioning image", raw.conditioning)):
+    for label, ref in (("image", raw.image), ("conditioning image", raw.conditioning)):
         try:
-            info = probe_image(root / rel, max_pixels=config.max_pixels, verify=config.verify)
+            info = _probe_member(store, ref, config)
         except BadImageError as exc:
-            return _Bad(exc.kind, f"{label} {rel}: {exc.reason}")
+            return _Bad(exc.kind, f"{label} {ref}: {exc.reason}")
         sizes.append((info.height, info.width))
     (ih, iw), (ch, cw) = sizes
     if (ih, iw) != (ch, cw):
@@ -280,16 +290,32 @@ def _probe_sample(root: Path, raw: RawSample, config: ScanConfig) -> _Good | _Ba
     return _Good(ih, iw, caption)
 
 
-def _caption_of(root: Path, raw: RawSample) -> str | _Bad:
-    if raw.caption_file is not None:
+def _probe_member(store: SampleStore, reference: str, config: ScanConfig) -> ImageInfo:
+    """The header facts of one member, read through the store (`BadImageError` if unusable)."""
+    try:
+        fh = store.open(reference)
+    except FileNotFoundError:
+        raise BadImageError("missing_file", "file does not exist") from None
+    except OSError as exc:
+        raise BadImageError("unreadable", f"cannot open file: {exc.strerror or exc}") from None
+    with fh:
+        return probe_image(fh, max_pixels=config.max_pixels, verify=config.verify)
+
+
+def _caption_of(store: SampleStore, raw: SourceRecord) -> str | _Bad:
+    member = raw.caption_member
+    if member is not None:
         try:
-            data = (root / raw.caption_file).read_bytes()
+            with store.open(member) as fh:
+                data = fh.read()
         except FileNotFoundError:
-            return _Bad("caption_missing", f"caption file {raw.caption_file} does not exist")
+            return _Bad("caption_missing", f"caption file {member} does not exist")
+        except OSError as exc:
+            return _Bad("caption_unreadable", f"caption file {member} cannot be read: {exc}")
         try:
             return data.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
-            return _Bad("caption_not_text", f"caption file {raw.caption_file} is not UTF-8: {exc}")
+            return _Bad("caption_not_text", f"caption file {member} is not UTF-8: {exc}")
     if not isinstance(raw.caption, str):
         return _Bad(
             "caption_not_text",

@@ -1,12 +1,24 @@
-"""Writing a whole folder atomically: fill a hidden sibling, then rename it into place."""
+"""Writing a whole folder atomically and durably: fill a hidden sibling, fsync it, rename it in.
+
+cnet-models installs without cnet-data, so it cannot use `cnet_data.atomic`; this is its one
+writer (model folders: exports, tiny and demo models). Like cnet-data's, it fsyncs what it
+wrote before the rename and the parent folder after, so a completed folder survives a power
+loss, not only a killed process.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+__all__ = ["replace_dir_atomically"]
+
+# fsync of a folder fails so on filesystems that cannot sync one (some network and FUSE mounts).
+_CANNOT_SYNC_FOLDER = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 
 
 def replace_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
@@ -27,6 +39,7 @@ def replace_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> None
     tmp.mkdir()
     try:
         write(tmp)
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -40,5 +53,25 @@ def replace_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> None
             old.rename(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(out_dir.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (exc.errno in _CANNOT_SYNC_FOLDER and path.is_dir()):
+            raise
+    finally:
+        os.close(fd)

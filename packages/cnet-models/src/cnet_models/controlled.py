@@ -1,20 +1,20 @@
 """The trainable ControlNet and `ControlledUNet`: the frozen UNet steered by it.
 
 `ControlledUNet` returns the model prediction for (noisy latents, timesteps, text conditioning,
-SDXL added conditioning, control image in [0, 1], conditioning scale): the ControlNet's
-residuals are added to the UNet's skip connections, exactly as the diffusers ControlNet
-pipelines do at inference.
+the family's added conditioning (`ModelFamily.added_conditioning`), control image in [0, 1],
+conditioning scale): the ControlNet's residuals are added to the UNet's skip connections,
+exactly as the diffusers ControlNet pipelines do at inference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import attrs
 import torch
 from torch import nn
 from typing_extensions import override
 
+from cnet_models.conditioning import AddedConditioning
 from cnet_models.configs import ControlNetConfig
 from cnet_models.facade import (
     ControlNetModel,
@@ -24,27 +24,17 @@ from cnet_models.facade import (
     load_controlnet,
     unet_forward,
 )
+from cnet_models.family_sdxl import sdxl_time_ids
 
-
-@attrs.frozen
-class AddedConditioning:
-    """SDXL's micro-conditioning: pooled text embedding and time ids."""
-
-    text_embeds: torch.Tensor
-    """(batch, projection width): pooled output of the second text encoder."""
-    time_ids: torch.Tensor
-    """(batch, 6): original size, crop top-left, target size, as (h, w, top, left, h, w)."""
-
-    def as_kwargs(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return {"text_embeds": self.text_embeds.to(dtype), "time_ids": self.time_ids.to(dtype)}
-
-
-def sdxl_time_ids(
-    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor
-) -> torch.Tensor:
-    """(batch, 6) time ids from per-sample (batch, 2) sizes and offsets, in the order of
-    diffusers' `_get_add_time_ids`: original (h, w), crop (top, left), target (h, w)."""
-    return torch.cat([original_size, crop_top_left, target_size], dim=1).to(torch.float32)
+__all__ = [
+    "AddedConditioning",
+    "ControlledUNet",
+    "he_init_conditioning_embedding",
+    "make_controlnet",
+    "sdxl_time_ids",
+]
+"""`AddedConditioning` lives in `cnet_models.conditioning` and `sdxl_time_ids` in
+`cnet_models.family_sdxl` (the SDXL spec builds it); both stay importable from here."""
 
 
 def make_controlnet(unet: UNet2DConditionModel, config: ControlNetConfig) -> ControlNetModel:

@@ -21,6 +21,7 @@ import cnet_models.quiet  # noqa: F401 (first: it filters notices the imports be
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.controlnets.controlnet import ControlNetModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
 from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionControlNetPipeline
 from diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl import (
     StableDiffusionXLControlNetPipeline,
@@ -64,6 +65,7 @@ __all__ = [
     "load_unet",
     "load_vae",
     "load_vae_config",
+    "lr_scheduler",
 ]
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
@@ -287,3 +289,24 @@ def _no_weight_loading_bar() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def lr_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    training_steps: int,
+    num_cycles: int = 1,
+    power: float = 1.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' learning-rate schedule `name` (`constant`, `constant_with_warmup`, `linear`,
+    `cosine`, `cosine_with_restarts`, `polynomial`), stepped once per optimizer step."""
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=training_steps,
+        num_cycles=num_cycles,
+        power=power,
+    )

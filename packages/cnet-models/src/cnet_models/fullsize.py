@@ -1,9 +1,9 @@
 """Real-size SD 1.5, SD 2.1 (768, v-prediction) and SDXL models with random weights, no download.
 
-The architecture configs ship as JSON inside the package (`archs/<family>/<part>.json`), written
-after the public model folders. Benchmarks and the GPU smoke test build from them; on the meta
-device a 2.6-billion-parameter UNet costs no memory, which is enough to count parameters and
-plan sharding.
+The architecture configs ship as JSON inside the package (`archs/<folder>/<part>.json`, the
+folder a family's `arch_folder` names), written after the public model folders. Benchmarks and
+the GPU smoke test build from them; on the meta device a 2.6-billion-parameter UNet costs no
+memory, which is enough to count parameters and plan sharding.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def load_arch_config(family: str, part: str) -> dict[str, Any]:
             f"no {part!r} config for family {family!r}; expected one of "
             f"{', '.join(arch_parts(family))}"
         )
-    text = resources.files("cnet_models").joinpath("archs", family, f"{part}.json").read_text()
+    folder = family_by_name(family).arch_folder
+    text = resources.files("cnet_models").joinpath("archs", folder, f"{part}.json").read_text()
     config = json.loads(text)
     if not isinstance(config, dict):
-        raise TypeError(f"archs/{family}/{part}.json holds a {type(config).__name__}, not a dict")
+        raise TypeError(f"archs/{folder}/{part}.json holds a {type(config).__name__}, not a dict")
     return config
 
 

@@ -32,7 +32,7 @@ from cnet_models.facade import (
     load_vae,
     load_vae_config,
 )
-from cnet_models.families import Family, detect_family, family_by_name
+from cnet_models.families import ModelFamily, detect_family, family_by_name
 from cnet_models.text import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 class BaseModel:
     """The frozen parts of a base model and what its folder says about itself."""
 
-    family: Family
+    family: ModelFamily
     source: str
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -95,7 +95,7 @@ def load_base_model(config: BaseModelConfig) -> BaseModel:
     family = family_by_name(config.family) if config.family else detect_family(unet.config)
     vae = _load_vae(config, weights, common, _vae_dtype(config, dtype, common))
     encoders = tuple(
-        load_text_encoder(_has_projection(family, i), config.source, sub, **weights, dtype=dtype)
+        load_text_encoder(family.has_projection(i), config.source, sub, **weights, dtype=dtype)
         for i, sub in enumerate(family.text_encoders)
     )
     tokenizers = tuple(load_tokenizer(config.source, sub, **common) for sub in family.tokenizers)
@@ -116,11 +116,6 @@ def _check_local_folder(source: str) -> None:
         raise ModelFolderError(
             f"{source} is not a diffusers model folder (no model_index.json and no unet/)"
         )
-
-
-def _has_projection(family: Family, index: int) -> bool:
-    # SDXL's second encoder carries the projection whose output is the pooled embedding.
-    return family.added_conditioning and index == len(family.text_encoders) - 1
 
 
 def _load_vae(

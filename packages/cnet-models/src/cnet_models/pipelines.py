@@ -5,6 +5,7 @@ SDXL's pipelines use all-zero embeddings for it (`force_zeros_for_empty_prompt`,
 the pipeline that a model folder's `model_index.json` may change); the SD 1.x / 2.x pipelines
 encode the empty prompt. Caption dropout in training and the validation pipeline follow the
 same choice, so that what the ControlNet learns unconditioned is what it meets at inference.
+How each family builds its pipeline and feeds that choice is its spec's (`ModelFamily`).
 """
 
 from __future__ import annotations
@@ -19,23 +20,22 @@ from PIL import Image
 
 from cnet_models.configs import BaseModelConfig
 from cnet_models.facade import (
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
     ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
-    checked,
 )
-from cnet_models.families import Family, UnconditionalChoice, unconditional_zeros
+from cnet_models.families import ModelFamily, UnconditionalChoice, unconditional_zeros
 from cnet_models.loading import BaseModel
 
 ControlNetPipeline = StableDiffusionControlNetPipeline | StableDiffusionXLControlNetPipeline
 
-_ZERO_UNCONDITIONAL: weakref.WeakSet[StableDiffusionControlNetPipeline] = weakref.WeakSet()
-"""SD 1.x / 2.x pipelines made for all-zero unconditional embeddings. Their pipeline class has
-no setting for it (and refuses config entries its constructor does not take), so `generate`
-looks here and passes the zeros as negative embeddings."""
+_MADE: weakref.WeakKeyDictionary[ControlNetPipeline, tuple[ModelFamily, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The family and the all-zeros choice of each pipeline `controlnet_pipeline` made, for
+`generate` to ask the family which negative embeddings that choice needs (a pipeline class
+without a setting for it takes them at each call)."""
 
 
 def read_model_index(
@@ -54,16 +54,17 @@ def read_model_index(
 
 
 def unconditional_is_zeros(
-    choice: UnconditionalChoice, family: Family, model: BaseModelConfig
+    choice: UnconditionalChoice, family: ModelFamily, model: BaseModelConfig
 ) -> bool:
     """Whether `choice` means all-zero unconditional embeddings for `model`; `auto` reads the
     folder's `model_index.json` only for a family whose pipeline has the setting."""
-    if choice != "auto" or family.zeros_for_empty_prompt is None:
+    if choice != "auto":
         return unconditional_zeros(choice, family, None)
-    index = read_model_index(
-        model.source, revision=model.revision, local_files_only=model.local_files_only
+    return family.pipeline_zeros(
+        lambda: read_model_index(
+            model.source, revision=model.revision, local_files_only=model.local_files_only
+        )
     )
-    return unconditional_zeros(choice, family, index)
 
 
 def controlnet_pipeline(
@@ -80,34 +81,8 @@ def controlnet_pipeline(
         where = BaseModelConfig(source=base.source, local_files_only=True)
         zeros = unconditional_is_zeros("auto", base.family, where)
     scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
-    if base.family.added_conditioning:
-        (encoder, encoder_2), (tokenizer, tokenizer_2) = base.text_encoders, base.tokenizers
-        pipe: ControlNetPipeline = StableDiffusionXLControlNetPipeline(
-            vae=base.vae,
-            text_encoder=checked(encoder, CLIPTextModel, "SDXL text_encoder"),
-            text_encoder_2=checked(encoder_2, CLIPTextModelWithProjection, "SDXL text_encoder_2"),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=base.unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=zeros,
-        )
-    else:
-        pipe = StableDiffusionControlNetPipeline(
-            vae=base.vae,
-            text_encoder=checked(base.text_encoders[0], CLIPTextModel, "text_encoder"),
-            tokenizer=base.tokenizers[0],
-            unet=base.unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            # None turns the checker off, as diffusers documents; its annotation omits None.
-            safety_checker=None,  # type: ignore[arg-type]
-            feature_extractor=None,  # type: ignore[arg-type]
-            requires_safety_checker=False,
-        )
-        if zeros:
-            _ZERO_UNCONDITIONAL.add(pipe)
+    pipe = base.family.build_controlnet_pipeline(base, controlnet, scheduler, zeros)
+    _MADE[pipe] = (base.family, zeros)
     pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     return pipe
 
@@ -135,7 +110,7 @@ def generate(
         sizes = [(resolution, resolution)] * len(prompts)
     out = []
     device = pipe.unet.device
-    unconditional = _zero_negative_embeds(pipe)
+    unconditional = _negative_embeds(pipe)
     for prompt, image, seed, (width, height) in zip(prompts, images, seeds, sizes, strict=True):
         result = pipe(
             prompt,
@@ -153,11 +128,8 @@ def generate(
     return out
 
 
-def _zero_negative_embeds(pipe: ControlNetPipeline) -> torch.Tensor | None:
-    """All-zero negative embeddings for an SD 1.x / 2.x pipeline set to zeros (SDXL's pipeline
-    makes its own, pooled too); None: the pipeline's own unconditional input."""
-    if not isinstance(pipe, StableDiffusionControlNetPipeline) or pipe not in _ZERO_UNCONDITIONAL:
-        return None
-    encoder = pipe.text_encoder
-    shape = (1, pipe.tokenizer.model_max_length, encoder.config.hidden_size)
-    return torch.zeros(shape, dtype=encoder.dtype, device=encoder.device)
+def _negative_embeds(pipe: ControlNetPipeline) -> torch.Tensor | None:
+    """The negative embeddings the pipeline's family needs for the unconditional input it was
+    made for; None: the pipeline's own (also for a pipeline made elsewhere)."""
+    made = _MADE.get(pipe)
+    return None if made is None else made[0].negative_prompt_embeds(pipe, made[1])

@@ -1,10 +1,10 @@
 """Prompt encoding exactly as the diffusers pipelines' `encode_prompt`, batched.
 
-SD 1.x / 2.x: the last hidden state of the one text encoder (SD 2.x folders ship an encoder
-with its last layer already removed). SDXL: the penultimate hidden states of both encoders,
-concatenated along the feature axis, plus the projected pooled output of the second encoder.
-Outputs keep the pipelines' dtypes (the text encoder's, the second one's for SDXL), so cached
-and online embeddings agree bit for bit.
+How a family encodes (which encoders, which hidden state, whether a pooled output) is its
+spec's `encode_prompts`; this module holds the encoders and adds what every family shares: the
+empty prompt, the unconditional input and the cache fingerprint. Outputs keep the pipelines'
+dtypes (the text encoder's, the last one's for SDXL), so cached and online embeddings agree
+bit for bit.
 """
 
 from __future__ import annotations
@@ -14,39 +14,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import torch
 
-from cnet_models.facade import (
-    CLIPTokenizer,
-    TextEncoder,
-    text_encoder_outputs,
-    tokenize,
-    uses_attention_mask,
-)
-from cnet_models.families import Family
+from cnet_models.conditioning import PromptEmbeddings, zero_rows
+from cnet_models.facade import CLIPTokenizer, TextEncoder
+from cnet_models.families import ModelFamily
 
-
-@attrs.frozen
-class PromptEmbeddings:
-    """What the UNet and ControlNet are conditioned on for a batch of prompts."""
-
-    prompt_embeds: torch.Tensor
-    """(batch, tokens, width): the cross-attention context."""
-    pooled_prompt_embeds: torch.Tensor | None
-    """(batch, projection width), SDXL only: the `text_embeds` of the added conditioning."""
-
-
-def zero_rows(text: PromptEmbeddings, rows: torch.Tensor) -> PromptEmbeddings:
-    """`text` with the samples where the boolean `rows` is set replaced by zeros (out of
-    place: cached embeddings may be views of a read-only memory map)."""
-
-    def zeroed(tensor: torch.Tensor) -> torch.Tensor:
-        mask = rows.to(tensor.device).view(-1, *([1] * (tensor.ndim - 1)))
-        return torch.where(mask, torch.zeros((), dtype=tensor.dtype, device=tensor.device), tensor)
-
-    pooled = text.pooled_prompt_embeds
-    return PromptEmbeddings(zeroed(text.prompt_embeds), None if pooled is None else zeroed(pooled))
+__all__ = ["PromptEmbeddings", "PromptEncoder", "zero_rows"]
+"""`PromptEmbeddings` and `zero_rows` live in `cnet_models.conditioning`; kept importable here."""
 
 
 class PromptEncoder:
@@ -54,7 +29,7 @@ class PromptEncoder:
 
     def __init__(
         self,
-        family: Family,
+        family: ModelFamily,
         tokenizers: Sequence[CLIPTokenizer],
         text_encoders: Sequence[TextEncoder],
     ) -> None:
@@ -90,32 +65,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> PromptEmbeddings:
-        prompts = list(prompts)
-        if self.family.uses_penultimate_hidden_state:
-            return self._encode_sdxl(prompts)
-        return self._encode_sd(prompts)
-
-    def _encode_sd(self, prompts: list[str]) -> PromptEmbeddings:
-        (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
-        ids, mask = tokenize(tokenizer, prompts)
-        attention = mask.to(encoder.device) if uses_attention_mask(encoder) else None
-        last, _ = text_encoder_outputs(encoder, ids.to(encoder.device), attention)
-        return PromptEmbeddings(last.to(dtype=encoder.dtype), None)
-
-    def _encode_sdxl(self, prompts: list[str]) -> PromptEmbeddings:
-        hidden_states = []
-        pooled = None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            ids, _ = tokenize(tokenizer, prompts)
-            first, hidden = text_encoder_outputs(encoder, ids.to(encoder.device))
-            if pooled is None and first.ndim == 2:  # the projected pooled output
-                pooled = first
-            hidden_states.append(hidden[-2])
-        if pooled is None:
-            raise ValueError("SDXL needs a text encoder with projection as its last encoder")
-        last_dtype = self.text_encoders[-1].dtype
-        embeds = torch.cat(hidden_states, dim=-1).to(dtype=last_dtype)
-        return PromptEmbeddings(embeds, pooled)
+        return self.family.encode_prompts(self.tokenizers, self.text_encoders, list(prompts))
 
     def fingerprint(self, model: str) -> dict[str, Any]:
         """What an embedding cache must match: model identity, tokenizers, hidden-state choice,
@@ -124,7 +74,7 @@ class PromptEncoder:
         return {
             "model": model,
             "family": self.family.name,
-            "hidden_state": "penultimate" if self.family.uses_penultimate_hidden_state else "last",
+            "hidden_state": self.family.hidden_state,
             "max_length": [t.model_max_length for t in self.tokenizers],
             "tokenizers": [_tokenizer_digest(t) for t in self.tokenizers],
             "text_encoders": [_encoder_digest(e) for e in self.text_encoders],

@@ -29,37 +29,21 @@ from cnet_models.facade import (
     UNet2DConditionModel,
     checked,
 )
-from cnet_models.families import FAMILY_NAMES, Family, family_by_name
+from cnet_models.families import FAMILY_NAMES, ModelFamily, family_by_name
 from cnet_models.fullsize import load_arch_config, text_encoder_class
-from cnet_models.vocab import EOS_TOKEN, TokenizerIds, write_clip_tokenizer
+from cnet_models.vocab import TokenizerIds, write_clip_tokenizer
 
 TINY_RESOLUTION = 64
 """Default image side of the tiny models (8x8 latents), what their pipelines generate."""
 
-# Sizes only; the structure comes from the full-size config. (32, 64) channels keep the
-# default 32 norm groups valid, and two blocks are the fewest with a down- and an up-sample.
+# Sizes only; the structure comes from the full-size config, the block layout cut to two from
+# the family's spec. (32, 64) channels keep the default 32 norm groups valid, and two blocks
+# are the fewest with a down- and an up-sample.
 _TINY_UNET: dict[str, Any] = {
     "block_out_channels": [32, 64],
     "layers_per_block": 2,
     "attention_head_dim": [2, 4],
     "sample_size": TINY_RESOLUTION // 8,
-}
-_TINY_BLOCKS: dict[str, dict[str, Any]] = {
-    # The real block order, cut to two: the first and the last block of each path.
-    "sd15": {
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    },
-    "sd21": {
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    },
-    "sdxl": {
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "transformer_layers_per_block": [1, 2],
-        "addition_time_embed_dim": 8,
-    },
 }
 # Four blocks, as the real VAE: three downsamples give the scale factor 8 that ControlNet's
 # conditioning embedding assumes.
@@ -77,12 +61,6 @@ _TINY_TEXT: dict[str, Any] = {
     "num_attention_heads": 4,
     "projection_dim": 32,
 }
-# What the real tokenizers pad with: OpenAI's CLIP-L with its end token, OpenCLIP's with "!".
-_PAD_TOKENS: dict[str, dict[str, str]] = {
-    "sd15": {"tokenizer": EOS_TOKEN},
-    "sd21": {"tokenizer": "!"},
-    "sdxl": {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"},
-}
 
 
 def tiny_text_config(family: str, part: str, ids: TokenizerIds) -> dict[str, Any]:
@@ -96,17 +74,10 @@ def tiny_text_config(family: str, part: str, ids: TokenizerIds) -> dict[str, Any
 
 def tiny_unet_config(family: str, text_configs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A UNet config sized to the tiny text encoders it is conditioned on."""
-    config = {**load_arch_config(family, "unet"), **_TINY_UNET, **_TINY_BLOCKS[family]}
+    config = {**load_arch_config(family, "unet"), **_TINY_UNET}
     # The pipelines concatenate the encoders' hidden states along the feature axis.
     config["cross_attention_dim"] = sum(c["hidden_size"] for c in text_configs)
-    if config.get("addition_embed_type") == "text_time":
-        # SDXL's added conditioning: six size numbers (original, crop top-left, target), each
-        # embedded, plus the pooled projection of the last text encoder.
-        pooled = text_configs[-1]["projection_dim"]
-        config["projection_class_embeddings_input_dim"] = (
-            6 * config["addition_time_embed_dim"] + pooled
-        )
-    return config
+    return family_by_name(family).tiny_unet_config(config, text_configs)
 
 
 def tiny_vae_config(family: str) -> dict[str, Any]:
@@ -125,14 +96,11 @@ def write_tiny_model(family: str, path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def _write_parts(family: Family, folder: Path, seed: int) -> None:
+def _write_parts(family: ModelFamily, folder: Path, seed: int) -> None:
     text_configs = []
-    for i, (tokenizer, encoder) in enumerate(
-        zip(family.tokenizers, family.text_encoders, strict=True)
-    ):
-        ids = write_clip_tokenizer(
-            folder / tokenizer, pad_token=_PAD_TOKENS[family.name][tokenizer]
-        )
+    parts = zip(family.tokenizers, family.text_encoders, family.tiny_pad_tokens, strict=True)
+    for i, (tokenizer, encoder, pad_token) in enumerate(parts):
+        ids = write_clip_tokenizer(folder / tokenizer, pad_token=pad_token)
         config = tiny_text_config(family.name, encoder, ids)
         kind = text_encoder_class(config)
         with _seeded(seed, 10 + i):
@@ -160,8 +128,9 @@ def _seeded(seed: int, part: int) -> Iterator[None]:
         yield
 
 
-def _write_model_index(family: Family, path: Path) -> None:
-    """The pipeline's component table; the optional safety checker and image parts are null."""
+def _write_model_index(family: ModelFamily, path: Path) -> None:
+    """The pipeline's component table (the optional image parts null) and the family's own
+    entries (SD's safety checker off, SDXL's zeros for the empty prompt)."""
     index: dict[str, Any] = {
         "_class_name": family.pipeline,
         "_diffusers_version": importlib.metadata.version("diffusers"),
@@ -176,11 +145,7 @@ def _write_model_index(family: Family, path: Path) -> None:
     for encoder in family.text_encoders:
         kind = text_encoder_class(load_arch_config(family.name, encoder))
         index[encoder] = ["transformers", kind.__name__]
-    if family.added_conditioning:
-        index["force_zeros_for_empty_prompt"] = True
-    else:
-        index["safety_checker"] = [None, None]
-        index["requires_safety_checker"] = False
+    index.update(family.model_index_entries())
     path.write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n", encoding="utf-8")
 
 

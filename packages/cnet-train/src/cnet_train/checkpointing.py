@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from cnet_train import durable
 from cnet_train.callbacks.base import AfterBatch
-from cnet_train.callbacks.guard import ensure_finite
+from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.config import CheckpointConfig
 from cnet_train.errors import PreemptedError
 from cnet_train.preemption import REQUEUE_SIGNAL, StopSignals, requeue_slurm_job
@@ -53,11 +53,15 @@ class DurableCheckpointIO(TorchCheckpointIO):
 
 
 class CheckpointCallback(AfterBatch):
-    """Checkpoints every `every_n_steps` optimizer steps, at the end, and when preempted."""
+    """Checkpoints every `every_n_steps` optimizer steps, at the end, and when preempted;
+    with `guard`, only after the guard agrees that nothing is non-finite."""
 
-    def __init__(self, directory: Path, config: CheckpointConfig) -> None:
+    def __init__(
+        self, directory: Path, config: CheckpointConfig, *, guard: NonFiniteGuard | None = None
+    ) -> None:
         self.directory = directory
         self.config = config
+        self.guard = guard
         self.signals = StopSignals()
         self.saved_step: int | None = None
         self._seen_step = 0
@@ -103,7 +107,8 @@ class CheckpointCallback(AfterBatch):
         if self.saved_step == step or _rank_zero_sees(trainer, final):
             self.saved_step = step
             return final
-        ensure_finite(trainer, pl_module, f"the checkpoint of step {step}")
+        if self.guard is not None:
+            self.guard.check(trainer, pl_module, f"the checkpoint of step {step}")
         partial = durable.partial_path(final)
         if trainer.is_global_zero:
             durable.remove(partial)

@@ -21,12 +21,18 @@ from cnet_data.scan import ScanConfig
 from cnet_data.sources import SourceConfig
 from cnet_models.configs import BaseModelConfig, ControlNetConfig
 from cnet_models.ema import EMAConfig
-from cnet_models.families import UnconditionalChoice
+from cnet_train.conditioning_config import ConditioningConfig
 from cnet_train.control_gain import ControlGainConfig
 from cnet_train.loggers import LoggerConfig
+from cnet_train.resume_setting import ResumeSetting, parse_resume
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 StrategyName = Literal["auto", "ddp", "deepspeed", "fsdp"]
+ScheduleName = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+"""The names of diffusers' `get_scheduler` that cnet offers (`piecewise_constant` needs rules
+no config field holds)."""
 
 
 SEED_MAX = 2**32 - 1
@@ -44,11 +50,6 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name} must not be negative, got {value}")
-
-
-def _probability(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
 
 
 def finite(*, above: float | None = None, at_least: float | None = None) -> Check:
@@ -166,14 +167,6 @@ class DataConfig:
     """Batches each worker prepares ahead (with workers only)."""
     pin_memory: bool = True
     """Page-locked host memory for faster copies to the GPU (ignored on CPU)."""
-    caption_dropout: float = attrs.field(default=0.05, validator=_probability)
-    """Chance, drawn at every step for every sample, that its caption is dropped (see
-    `caption_dropout_embedding`): what classifier-free guidance needs at inference."""
-    caption_dropout_embedding: UnconditionalChoice = "auto"
-    """What a dropped caption becomes, and what validation renders unconditioned with: `auto`
-    (what the family's pipeline feeds at inference: all-zero embeddings for SDXL, as its
-    `force_zeros_for_empty_prompt` says, the encoded empty prompt for SD 1.5 / 2.1),
-    `empty_prompt` (as diffusers' training scripts do) or `zeros`."""
 
 
 @attrs.frozen
@@ -205,12 +198,40 @@ class OptimizerConfig:
 
 @attrs.frozen
 class ScheduleConfig:
-    """The learning-rate schedule."""
+    """The learning-rate schedule: diffusers' `get_scheduler`, by its names, stepped once per
+    optimizer step (`cnet_train.optim.build_scheduler`)."""
 
-    name: Literal["constant", "linear", "cosine"] = "constant"
-    """Shape after warm-up: flat, linear to zero, or cosine to zero at `trainer.max_steps`."""
+    name: ScheduleName = "constant"
+    """diffusers' schedule: `constant` (no warm-up), `constant_with_warmup`, or after the
+    warm-up `linear`, `cosine` (half a cosine), `cosine_with_restarts` (`num_cycles` hard
+    restarts) or `polynomial` (to 1e-7 with `power`), each to its end at `trainer.max_steps`."""
     warmup_steps: int = attrs.field(default=0, validator=_non_negative)
-    """Optimizer steps of linear warm-up from zero."""
+    """Optimizer steps of linear warm-up from zero (the learning rate of step 0 is zero)."""
+    num_cycles: int = attrs.field(default=1, validator=_positive)
+    """Hard restarts of `cosine_with_restarts` (only that schedule reads it)."""
+    power: float = attrs.field(default=1.0, validator=finite(above=0))
+    """Exponent of the `polynomial` decay, above 0 (only that schedule reads it)."""
+
+    def __attrs_post_init__(self) -> None:
+        # diffusers' `constant` ignores `num_warmup_steps` without a word: refused rather than
+        # mapped, so that a config says what runs and reads the same to anyone who knows
+        # diffusers' names.
+        if self.name == "constant" and self.warmup_steps:
+            raise ValueError(
+                f"schedule.name constant has no warm-up (diffusers' constant ignores it), but "
+                f"schedule.warmup_steps is {self.warmup_steps}: use constant_with_warmup, or "
+                "warmup_steps 0"
+            )
+        # The same for the shape options another schedule would silently ignore.
+        for key, value, default, reader in (
+            ("num_cycles", self.num_cycles, 1, "cosine_with_restarts"),
+            ("power", self.power, 1.0, "polynomial"),
+        ):
+            if value != default and self.name != reader:
+                raise ValueError(
+                    f"schedule.{key} is read only by schedule.name {reader}, "
+                    f"not by {self.name}: remove it, or use {reader}"
+                )
 
 
 @attrs.frozen
@@ -221,8 +242,6 @@ class LossConfig:
     """Min-SNR-gamma loss weighting (5.0 is the paper's choice); None: unweighted."""
     noise_offset: float = attrs.field(default=0.0, validator=finite(at_least=0))
     """Add this much per-channel constant noise (helps very dark and bright images)."""
-    conditioning_scale: float = attrs.field(default=1.0, validator=finite())
-    """Scale of the ControlNet residuals during training."""
 
 
 @attrs.frozen
@@ -274,8 +293,10 @@ class CheckpointConfig:
     """0: no periodic checkpoints (one is still written at the end)."""
     keep_last: int = attrs.field(default=2, validator=_positive)
     """Checkpoints kept; older ones are deleted once a new one is complete."""
-    resume: str = attrs.field(default="auto", validator=attrs.validators.min_len(1))
-    """`auto` (the newest complete checkpoint in the run directory, if any), `none`, or a path."""
+    resume: ResumeSetting = attrs.field(default="auto", converter=parse_resume)
+    """`auto` (the newest complete checkpoint in the run directory, if any), `none`, or the path
+    of a checkpoint (with a `/`, a `~` or a suffix: `cnet_train.resume_setting`); another word
+    (`Auto`, `latest`) is refused with the choices when the config loads."""
 
 
 @attrs.frozen
@@ -357,6 +378,8 @@ class TrainConfig:
     """The learning-rate schedule."""
     loss: LossConfig = LossConfig()
     """The diffusion loss."""
+    conditioning: ConditioningConfig = ConditioningConfig()
+    """Caption dropout and the ControlNet's residual scale during training."""
     ema: EMASettings = EMASettings()
     """The EMA of the ControlNet."""
     validation: ValidationConfig = ValidationConfig()

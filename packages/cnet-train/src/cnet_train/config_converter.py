@@ -23,6 +23,7 @@ from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
 from cnet_train.config import FOREIGN_CHECKS, Check
+from cnet_train.resume_setting import ResumeSetting, parse_resume
 
 # A decimal number as text. PyYAML (YAML 1.1) reads `3e-5` and `1e4` as strings because its
 # float pattern needs a dot, so float fields accept such strings; 'nan', 'inf' and '1_0',
@@ -43,6 +44,9 @@ def config_converter() -> Converter:
     converter.register_structure_hook_func(_is_tuple, partial(_structure_tuple, converter))
     converter.register_structure_hook_func(_is_union, partial(_structure_union, converter))
     converter.register_structure_hook_factory(attrs.has, partial(_class_hook, converter))
+    # After the union hook, which it overrides for `checkpoint.resume`: a word that is not a
+    # choice must not become a path (`resume: Auto`), and the message lists the choices.
+    converter.register_structure_hook_func(lambda tp: tp == ResumeSetting, _structure_resume)
     converter.register_unstructure_hook(Path, str)
     converter.register_unstructure_hook_func(
         _is_tuple, lambda value: [converter.unstructure(item) for item in value]
@@ -128,6 +132,10 @@ def _structure_path(value: object, _: type) -> Path:
     if type(value) is str and value:
         return Path(value)
     raise TypeError(f"expected a path (a non-empty string), got {shown(value)}")
+
+
+def _structure_resume(value: object, _: type) -> ResumeSetting:
+    return parse_resume(value)
 
 
 # --- Literal, tuple and union

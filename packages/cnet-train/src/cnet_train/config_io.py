@@ -37,6 +37,7 @@ from cattrs.errors import (
 from cnet_data.atomic import atomic_write_text
 from cnet_data.errors import CnetError
 from cnet_models.configs import looks_local
+from cnet_train.conditioning_config import moved_key_message
 from cnet_train.config import TrainConfig
 from cnet_train.config_converter import config_converter
 from cnet_train.config_yaml import MAX_DEPTH, YAMLLimitError, load_yaml
@@ -246,6 +247,9 @@ def _problems(exc: BaseException, path: str) -> list[str]:
 
 
 def _unknown_key(path: str, key: object, valid: list[str]) -> str:
+    moved = moved_key_message(_join(path, str(key)))
+    if moved is not None:  # a key of an earlier config: say where it went
+        return moved
     hint = did_you_mean(key, valid) or f" (valid keys: {', '.join(valid)})"
     return f"{_join(path, str(key))}: unknown key{hint}"
 

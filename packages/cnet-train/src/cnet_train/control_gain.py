@@ -33,7 +33,7 @@ their own and names that index in `control_gain.index`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +43,8 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import default_collate
 
+from cnet_data.batch import Batch, collate_samples
 from cnet_data.buckets import BucketTable, merge_small_buckets
 from cnet_data.dataset import ControlNetDataset
 from cnet_data.index import DatasetIndex
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
     from cnet_models.text import PromptEmbeddings
     from cnet_train.config import TrainConfig
     from cnet_train.module import ControlNetModule
-
-Batch = Mapping[str, Any]
 
 HELD_OUT_SEED = 2024_09
 """Seed of the choice of held-out samples: a constant, so that runs with different training
@@ -143,7 +141,7 @@ class ControlGain:
 
 def held_out_batches(
     config: TrainConfig, *, samples: int | None = None, batch_size: int | None = None
-) -> list[dict[str, Any]]:
+) -> list[Batch]:
     """The fixed held-out set of `config`, as batches like the training loader's (one bucket
     per batch, at least 2 samples each), cropped as for validation (centred, no flip).
 
@@ -167,7 +165,7 @@ def held_out_batches(
     )
     size = max(2, batch_size or settings.batch_size or config.data.batch_size)
     return [
-        dict(default_collate([dataset[int(i)] for i in chunk]))
+        collate_samples([dataset[int(i)] for i in chunk])
         for bucket in sorted({int(ids[i]) for i in chosen})
         for chunk in _chunks([i for i in chosen if ids[i] == bucket], size)
     ]
@@ -309,7 +307,7 @@ def _paired_losses(
                 timesteps,
                 text.prompt_embeds,
                 control,
-                conditioning_scale=module.config.loss.conditioning_scale,
+                conditioning_scale=module.config.conditioning.scale,
                 added=added,
             )
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")

@@ -1,9 +1,11 @@
 """`ControlNetDataModule`: index, bucket sampler, dataset and loader, resumable mid-epoch.
 
 Lightning runs with `use_distributed_sampler=False`: the bucket sampler is rank-aware by itself.
-The module keeps its own epoch and the count of batches the training loop has consumed (a
-loader with workers draws ahead of the loop), and saves both through Lightning's checkpoint, so
-a resumed run continues with exactly the batches it had not seen.
+The module builds the sampler and dataset and can save and restore their position
+(`position`, `restore_position`); the run's progress through them (its epoch and the batches
+the training loop has consumed, which a loader with workers draws ahead of) is kept by
+`cnet_train.callbacks.data_progress.DataProgress`, which saves it under a stable key, so a
+resumed run continues with exactly the batches it had not seen.
 
 The bucket table is `data.buckets` over the base model family's defaults (`run_buckets`), found
 by the functions `cnet-data buckets --config RUN.yaml` uses, so that the two show one table.
@@ -12,6 +14,7 @@ by the functions `cnet-data buckets --config RUN.yaml` uses, so that the two sho
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,10 @@ import lightning as L
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from cnet_data.batch import collate_samples
 from cnet_data.buckets import BucketTable
 from cnet_data.dataset import ControlNetDataset
-from cnet_data.index import INDEX_OWNERSHIP, DatasetIndex
+from cnet_data.index import INDEX_OWNERSHIP, DatasetIndex, is_older_index
 from cnet_data.outdir import claim_directory
 from cnet_data.run_config import ResolvedBuckets
 from cnet_data.run_config import run_buckets as _run_buckets
@@ -46,10 +50,14 @@ def run_buckets(config: TrainConfig) -> ResolvedBuckets:
 
 
 def ensure_index(config: TrainConfig) -> Path:
-    """The dataset index, built (and its report written) if it does not exist yet."""
+    """The dataset index, built (and its report written) if it does not exist yet, or
+    rebuilt if an older cnet-data wrote it (its format cannot be read any more)."""
     path = index_path(config)
-    if (path / "index.json").is_file():
+    older = is_older_index(path)
+    if (path / "index.json").is_file() and not older:
         return path
+    if older:
+        logger.warning("index %s is of an older format; indexing the dataset again", path)
     # Refuse a target that is not an index before scanning, not after.
     claim_directory(path, INDEX_OWNERSHIP)
     logger.info("indexing %s into %s", config.data.source.path, path)
@@ -72,10 +80,6 @@ class ControlNetDataModule(L.LightningDataModule):
         self.dataset: ControlNetDataset | None = None
         self.buckets: ResolvedBuckets | None = None
         """The bucket settings `setup` built the table from, and where their area came from."""
-        self.epoch = 0
-        self.consumed = 0
-        """Batches the training loop has started since the current pass over the data began."""
-        self._pending_state: dict[str, Any] | None = None
 
     @override
     def prepare_data(self) -> None:
@@ -108,8 +112,6 @@ class ControlNetDataModule(L.LightningDataModule):
         self.dataset = ControlNetDataset(
             index, table, self.sampler.bucket_ids, augment=data.augment, seed=self.config.seed
         )
-        if self._pending_state is not None:
-            self.load_state_dict(self._pending_state)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -126,6 +128,7 @@ class ControlNetDataModule(L.LightningDataModule):
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
+            collate_fn=collate_samples,
             num_workers=workers,
             pin_memory=data.pin_memory and self._on_gpu(),
             prefetch_factor=data.prefetch_factor if workers else None,
@@ -137,39 +140,37 @@ class ControlNetDataModule(L.LightningDataModule):
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
+    @property
+    def ready(self) -> bool:
+        """Whether `setup` has built the sampler and the dataset."""
+        return self.sampler is not None and self.dataset is not None
+
     def set_epoch(self, epoch: int) -> None:
-        """Called at the start of every training epoch, before its loader is iterated."""
+        """Draw the order (and the crops) of pass `epoch`, before its loader is iterated."""
         if self.sampler is None or self.dataset is None:
             return
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
-        self.epoch = epoch
-        self.consumed = 0
 
-    def batch_started(self) -> None:
-        self.consumed += 1
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
+    def position(self, consumed: int) -> dict[str, Any]:
+        """What a checkpoint stores of the data: the sampler's place after `consumed` batches
+        of the current epoch (empty before `setup`)."""
         if self.sampler is None:
             return {}
-        return {"sampler": self.sampler.state_dict(consumed_batches=self.consumed)}
+        return {"sampler": self.sampler.state_dict(consumed_batches=consumed)}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.sampler is None or self.dataset is None:  # restored before setup: apply later
-            self._pending_state = state_dict
-            return
-        self.sampler.load_state_dict(state_dict["sampler"])
-        self._pending_state = None
+    def restore_position(self, state: Mapping[str, Any]) -> int:
+        """Continue where `state` (from `position`) left off; return the epoch that continues.
+
+        Saved at the last batch of an epoch, what is left to see is the next epoch: Lightning
+        restarts such a run in the next epoch without an `on_train_epoch_start` for it, so the
+        next epoch's order is drawn here."""
+        if self.sampler is None or self.dataset is None:
+            raise RuntimeError("ControlNetDataModule.setup() has not run")
+        self.sampler.load_state_dict(state["sampler"])
+        epoch = self.sampler.epoch
         if self.sampler.remaining() == 0:
-            # Saved at the last batch of an epoch: what is left to see is the next epoch.
-            # Lightning restarts such a run in the next epoch without calling
-            # `on_train_epoch_start` for it, so the next epoch's order is drawn here.
-            self.set_epoch(self.sampler.epoch + 1)
-            return
-        self.epoch = self.sampler.epoch
-        self.dataset.set_epoch(self.epoch)
-        self.consumed = 0
+            epoch += 1
+            self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        return epoch

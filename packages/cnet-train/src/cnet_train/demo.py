@@ -27,6 +27,7 @@ from cnet_models.configs import BaseModelConfig, ControlNetConfig
 from cnet_models.ema import EMAConfig
 from cnet_models.families import FamilyName
 from cnet_models.tiny import write_tiny_model
+from cnet_train.conditioning_config import ConditioningConfig
 from cnet_train.config import (
     CheckpointConfig,
     DataConfig,
@@ -79,8 +80,8 @@ def demo_config(
             buckets=BucketConfig(area=64 * 64, min_side=32, max_side=128, step=16),
             batch_size=4,
             num_workers=0,
-            caption_dropout=0.1,
         ),
+        conditioning=ConditioningConfig(caption_dropout=0.1),
         controlnet=ControlNetConfig(conditioning_embedding_init="he"),
         optimizer=OptimizerConfig(lr=1e-3),
         # Min-SNR weighting moves the loss's weight from the lowest-noise steps (denoised

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from cnet_data.synthetic import fill_samples
 from cnet_models.atomic import replace_dir_atomically
 from cnet_models.configs import BaseModelConfig
-from cnet_models.controlled import sdxl_time_ids
 from cnet_models.facade import AutoencoderKL, UNet2DConditionModel, unet_forward
 from cnet_models.families import FamilyName
 from cnet_models.loading import BaseModel, load_base_model
@@ -198,11 +197,9 @@ def fit_unet(
             text = encoder.encode(kept)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, schedule.num_train_timesteps, (len(captions),))
-        added = None
-        if base.family.added_conditioning and text.pooled_prompt_embeds is not None:
-            size = torch.tensor([images.shape[2], images.shape[3]]).repeat(len(captions), 1)
-            time_ids = sdxl_time_ids(size, torch.zeros_like(size), size)
-            added = {"text_embeds": text.pooled_prompt_embeds, "time_ids": time_ids}
+        size = torch.tensor([images.shape[2], images.shape[3]]).repeat(len(captions), 1)
+        conditioning = base.family.added_conditioning(text, size, torch.zeros_like(size), size)
+        added = None if conditioning is None else conditioning.as_kwargs(unet.dtype)
         prediction = unet_forward(
             unet,
             schedule.add_noise(latents, noise, timesteps),

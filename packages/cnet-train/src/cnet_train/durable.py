@@ -4,15 +4,17 @@ the folder.
 Everything a run keeps (checkpoints, exports) is written beside its final name, never in
 `$TMPDIR`: a rename within one filesystem is atomic, a move across filesystems is a copy that a
 kill leaves torn under the final name. The fsyncs make the committed name survive a power loss
-or a node crash, not only a killed process.
+or a node crash, not only a killed process. The fsync and rename primitives are cnet-data's
+(`cnet_data.atomic`, the one writer below cnet-train); this module adds the run directory's
+naming of temporary writes, their cleanup, and the error of a failed write.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from cnet_data.atomic import fsync_tree, rename_durably
 from cnet_train.errors import WriteFailedError
 
 PARTIAL_SUFFIX = ".partial"
@@ -28,26 +30,6 @@ def is_partial(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync one file or folder (a folder's fsync makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file and folder under `path` (or `path` itself, a file)."""
-    if path.is_dir():
-        for root, _dirs, files in os.walk(path):
-            for name in files:
-                fsync_path(Path(root) / name)
-            fsync_path(Path(root))
-    else:
-        fsync_path(path)
-
-
 def commit(partial: Path, final: Path) -> None:
     """Make the complete `partial` (file or folder) durable and rename it to `final`.
 
@@ -56,8 +38,7 @@ def commit(partial: Path, final: Path) -> None:
     fsync_tree(partial)
     if final.is_dir() and not final.is_symlink():
         shutil.rmtree(final)
-    os.replace(partial, final)
-    fsync_path(final.parent)
+    rename_durably(partial, final)
 
 
 def remove(path: Path) -> None:

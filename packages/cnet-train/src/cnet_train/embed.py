@@ -12,6 +12,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
+from lightning.fabric.plugins.environments.lightning import LightningEnvironment
+from lightning.fabric.plugins.environments.slurm import SLURMEnvironment
+from lightning.fabric.plugins.environments.torchelastic import TorchElasticEnvironment
 from tqdm import tqdm
 
 from cnet_data.captions import caption_key
@@ -85,15 +89,33 @@ def _batches(index: DatasetIndex, rank: int, world: int, size: int) -> Iterator[
         yield batch
 
 
+def cluster_environment() -> ClusterEnvironment:
+    """Lightning's view of where this process sits: torchrun's ranks first (a torchrun inside a
+    SLURM allocation starts its own processes, whatever SLURM's variables say), then the tasks
+    of `srun`, else one process alone."""
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment()
+    if SLURMEnvironment.detect():
+        return SLURMEnvironment(auto_requeue=False)  # embed is rerun, not requeued
+    # Started by hand with torch.distributed's variables, or alone (world 1, rank 0).
+    alone = LightningEnvironment()
+    alone.set_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+    alone.set_global_rank(int(os.environ.get("RANK", "0")))
+    return alone
+
+
 def _rank_and_world() -> tuple[int, int]:
-    # torchrun sets WORLD_SIZE and RANK; under `srun` only SLURM's variables exist.
-    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
-        os.environ.setdefault("RANK", os.environ.get("SLURM_PROCID", "0"))
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cluster = cluster_environment()
+    world = cluster.world_size()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # SLURM's environment derives the address and port from the job (and sets them).
+        os.environ["MASTER_ADDR"] = cluster.main_address
+        os.environ["MASTER_PORT"] = str(cluster.main_port)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            rank=cluster.global_rank(),
+            world_size=world,
+        )
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -101,7 +123,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", cluster_environment().local_rank())
     return torch.device("cpu")
 
 

@@ -2,7 +2,8 @@
 
 Reads a Lightning checkpoint file (single device or DDP), a DeepSpeed checkpoint folder
 (consolidated from its ZeRO shards first) or an FSDP2 distributed-checkpoint folder, and writes
-`OUT/controlnet/` and, when the run kept an EMA, `OUT/controlnet_ema/`.
+`OUT/controlnet/` and, when the run kept an EMA, `OUT/controlnet_ema/`. The EMA is read under
+its stable key (`cnet.ema`), or under the class name older checkpoints stored it by.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from cnet_models.ema import (
 )
 from cnet_models.ema_export import export_ema_controlnet
 from cnet_models.facade import ControlNetModel, checked
+from cnet_train.state_keys import EMA_STATE_KEY, LEGACY_EMA_KEY, callback_state
 
 CONTROLNET_CONFIG_KEY = "cnet_controlnet_config"
-EMA_STATE_KEY = "EMACallback"
 DCP_METADATA = "meta.pt"
 """The file Lightning writes beside a distributed checkpoint's shards: everything but the
 module and optimizer state."""
@@ -62,19 +63,21 @@ def _load_deepspeed(path: Path) -> dict[str, Any]:
             dict,
             f"checkpoint folder {path}",
         )
-    ema = state.get("callbacks", {}).get(EMA_STATE_KEY)
+    ema = saved_ema_state(state)
     if isinstance(ema, dict) and PARTITION_KEY in ema:
         state["callbacks"][EMA_STATE_KEY] = _merged_ema(path, state)
     return state
 
 
+def saved_ema_state(state: dict[str, Any]) -> Any:
+    """The EMA state a checkpoint holds (under its stable key, or its older one), or None."""
+    return callback_state(state, EMA_STATE_KEY, LEGACY_EMA_KEY)
+
+
 def _merged_ema(path: Path, state: dict[str, Any]) -> dict[str, object]:
     """The full EMA of a ZeRO-3 checkpoint, whose every rank stored its own partitions."""
     files = sorted((path / "checkpoint").glob("zero_pp_rank_*_model_states.pt"))
-    parts = [
-        torch.load(f, map_location="cpu", weights_only=True)["callbacks"][EMA_STATE_KEY]
-        for f in files
-    ]
+    parts = [saved_ema_state(torch.load(f, map_location="cpu", weights_only=True)) for f in files]
     shapes = {
         k.removeprefix("controlnet."): v.shape
         for k, v in state["state_dict"].items()
@@ -122,7 +125,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
     replace_dir_atomically(
         written[0], lambda tmp: controlnet.save_pretrained(str(tmp), safe_serialization=True)
     )
-    ema_state = state.get("callbacks", {}).get(EMA_STATE_KEY)
+    ema_state = saved_ema_state(state)
     if ema_state:
         ema = _saved_ema(controlnet, ema_state)
         written.append(export_ema_controlnet(ema, controlnet, Path(out) / "controlnet_ema"))
@@ -163,7 +166,7 @@ def checkpoint_controlnets(checkpoint: Path) -> dict[str, ControlNetModel]:
         )
     controlnet = _controlnet(config, _controlnet_weights(state, checkpoint))
     found = {"controlnet": controlnet}
-    ema_state = state.get("callbacks", {}).get(EMA_STATE_KEY)
+    ema_state = saved_ema_state(state)
     if ema_state:
         averaged = _controlnet(config, controlnet.state_dict())
         ema = _saved_ema(averaged, ema_state)

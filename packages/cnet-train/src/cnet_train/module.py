@@ -19,7 +19,6 @@ Lightning hands DeepSpeed float32 weights and no autocast of its own).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -28,21 +27,22 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
+from cnet_data.batch import Batch
 from cnet_data.buckets import BucketTable
 from cnet_data.captions import caption_key_hex
 from cnet_data.embcache import EmbeddingCache
-from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet, sdxl_time_ids
+from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet
 from cnet_models.facade import AutoencoderKL, UNet2DConditionModel, vae_encode_mean_and_sample
 from cnet_models.loading import BaseModel, load_base_model
 from cnet_models.noise import NoiseSchedule
 from cnet_models.pipelines import unconditional_is_zeros
 from cnet_models.text import PromptEmbeddings, zero_rows
 from cnet_train.config import TrainConfig
-from cnet_train.config_io import config_to_dict
-from cnet_train.data import ControlNetDataModule, run_buckets
+from cnet_train.data import run_buckets
+from cnet_train.host_side import dropout_draws, to_device
 from cnet_train.optim import build_optimizer, build_scheduler
+from cnet_train.resume_check import check_resume, record_run
 
-Batch = Mapping[str, Any]
 _EMPTY_KEY = caption_key_hex("")
 """The cache key of the empty prompt, which caption dropout swaps in."""
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -63,7 +63,7 @@ class ControlNetModule(L.LightningModule):
         self.vae_scaling_factor = base.vae_scaling_factor
         self.cache: EmbeddingCache | None = None
         self.zero_unconditional = unconditional_is_zeros(
-            config.data.caption_dropout_embedding, base.family, config.model
+            config.conditioning.caption_dropout_embedding, base.family, config.model
         )
         """Dropped captions become all-zero embeddings, else the empty prompt's: by default
         what the family's pipeline feeds unconditioned at inference (validation renders so)."""
@@ -145,33 +145,38 @@ class ControlNetModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The resolved config and the ControlNet's architecture travel with the weights:
-        # `cnet-train export` needs neither the YAML nor the base model.
-        checkpoint["cnet_config"] = config_to_dict(self.config)
+        # `cnet-train export` needs neither the YAML nor the base model, and a resume compares
+        # the config and the weights' names with its own (`on_load_checkpoint`).
+        record_run(checkpoint, self.config, self._world_size(), self._weight_names())
         checkpoint["cnet_controlnet_config"] = dict(self.controlnet.config)
 
     @override
-    def on_train_epoch_start(self) -> None:
-        data = self._datamodule()
-        if data is not None:
-            data.set_epoch(self.current_epoch)
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        data = self._datamodule()
-        if data is not None:
-            data.batch_started()
-
-    def _datamodule(self) -> ControlNetDataModule | None:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before any weight is loaded: refuse another run's checkpoint, note changed settings.
         trainer = self._trainer
-        data = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return data if isinstance(data, ControlNetDataModule) else None
+        check_resume(
+            checkpoint,
+            self.config,
+            self._world_size(),
+            self._weight_names(),
+            source=str(getattr(trainer, "ckpt_path", None) or "the checkpoint"),
+            report=trainer is None or trainer.is_global_zero,
+        )
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _weight_names(self) -> list[str]:
+        return list(self.state_dict(keep_vars=True))
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         # Lightning steps the optimizer after every `accumulate` batches of an epoch.
         micro = batch_idx % self.config.trainer.accumulate_grad_batches
         loss = self.loss(batch, self.global_step, micro)
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        # Not `prog_bar=True`: Lightning would read the value to the host after every batch
+        # for its bar's metrics; cnet's bar reads it from the callback metrics when it shows it.
+        self.log("train/loss", loss.detach())
         return loss
 
     # -- the loss ------------------------------------------------------------------------------
@@ -214,7 +219,7 @@ class ControlNetModule(L.LightningModule):
                 timesteps,
                 text.prompt_embeds,
                 batch["conditioning_image"],
-                conditioning_scale=self.config.loss.conditioning_scale,
+                conditioning_scale=self.config.conditioning.scale,
                 added=added,
             )
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
@@ -231,16 +236,21 @@ class ControlNetModule(L.LightningModule):
 
     def condition(self, batch: Batch, g: torch.Generator) -> PromptEmbeddings:
         """Text conditioning, with captions dropped (drawn now, at every step) for CFG: to the
-        empty prompt's embedding, or to zeros of the same shapes (`zero_unconditional`)."""
+        empty prompt's embedding, or to zeros of the same shapes (`zero_unconditional`).
+
+        The drops are drawn on the host, from `g`'s seed (so still a pure function of (seed,
+        step, micro, rank)): the captions are host data, and a mask drawn on the device would
+        cost a device-to-host copy, which waits for the GPU, at every step."""
         captions = list(batch["caption"])
-        drop = torch.rand(len(captions), generator=g, device=self.device)
-        dropped = drop < self.config.data.caption_dropout
+        dropped = dropout_draws(len(captions), self.config.conditioning.caption_dropout, g)
         if self.cache is None:
-            kept = ["" if d else c for c, d in zip(captions, dropped.tolist(), strict=True)]
+            kept = ["" if d else c for c, d in zip(captions, dropped, strict=True)]
             text = self.prompt_encoder.encode(kept)
         else:
-            text = self._cached_condition(self.cache, batch, dropped.tolist())
-        return zero_rows(text, dropped) if self.zero_unconditional else text
+            text = self._cached_condition(self.cache, batch, dropped)
+        if not (self.zero_unconditional and any(dropped)):
+            return text
+        return zero_rows(text, to_device(torch.tensor(dropped), self.device))
 
     def _cached_condition(
         self, cache: EmbeddingCache, batch: Batch, dropped: list[bool]
@@ -251,16 +261,12 @@ class ControlNetModule(L.LightningModule):
         dtype = self.unet.dtype
         pooled = stored.get("pooled_prompt_embeds")
         return PromptEmbeddings(
-            stored["prompt_embeds"].to(self.device, dtype),
-            None if pooled is None else pooled.to(self.device, dtype),
+            to_device(stored["prompt_embeds"], self.device, dtype),
+            None if pooled is None else to_device(pooled, self.device, dtype),
         )
 
     def added_conditioning(self, batch: Batch, text: PromptEmbeddings) -> AddedConditioning | None:
-        if not self.family.added_conditioning:
-            return None
-        if text.pooled_prompt_embeds is None:
-            raise ValueError("SDXL conditioning needs the pooled prompt embedding")
-        time_ids = sdxl_time_ids(
-            batch["original_size"], batch["crop_top_left"], batch["target_size"]
-        ).to(self.device)
-        return AddedConditioning(text_embeds=text.pooled_prompt_embeds, time_ids=time_ids)
+        """The family's added conditioning for the batch (None where its UNet takes none)."""
+        return self.family.added_conditioning(
+            text, batch["original_size"], batch["crop_top_left"], batch["target_size"]
+        )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from cnet_models.facade import lr_scheduler
 from cnet_train.config import OptimizerConfig, ScheduleConfig
 
 
@@ -52,20 +52,32 @@ def _deepspeed_offloads(trainer: L.Trainer | None) -> bool:
     return isinstance(offload, dict) and offload.get("device") == "cpu"
 
 
-def lr_factor(step: int, config: ScheduleConfig, max_steps: int) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.name == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, max(0.0, progress))
-    if config.name == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+POLYNOMIAL_END_LR = 1e-7
+"""Where diffusers' `polynomial` schedule ends (its `get_scheduler` fixes it); the peak
+learning rate must lie above it."""
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: ScheduleConfig, max_steps: int
 ) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: lr_factor(step, config, max_steps))
+    """diffusers' schedule `config.name`, for a scheduler Lightning steps once per optimizer
+    step (`interval: step`) on every rank.
+
+    The step counts are not multiplied by the number of processes, as diffusers' training
+    scripts do: there accelerate steps the scheduler once per process for each optimizer step;
+    here it sees each optimizer step once, so `warmup_steps` and `max_steps` are in the
+    optimizer steps `trainer.max_steps` counts, on any number of devices."""
+    lr = float(optimizer.defaults["lr"])
+    if config.name == "polynomial" and not lr > POLYNOMIAL_END_LR:
+        raise ValueError(
+            f"schedule.name polynomial decays to {POLYNOMIAL_END_LR:g}, but optimizer.lr is "
+            f"{lr:g}: raise the learning rate, or choose another schedule"
+        )
+    return lr_scheduler(
+        config.name,
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        training_steps=max_steps,
+        num_cycles=config.num_cycles,
+        power=config.power,
+    )

@@ -62,12 +62,14 @@ def committed_checkpoints(folder: Path) -> list[Path]:
 
 
 def resume_path(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from: `auto` takes the newest complete one, if any."""
+    """The checkpoint to resume from: `auto` takes the newest complete one, if any; a path must
+    exist and be complete (the config's value is already one of the choices or a path:
+    `cnet_train.resume_setting`)."""
     resume = config.checkpoint.resume
     if resume == "none":
         return None
-    if resume != "auto":
-        path = Path(resume)
+    if isinstance(resume, Path):
+        path = resume.expanduser()
         if not path.exists():
             raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
         if not is_complete(path):

@@ -71,7 +71,11 @@ class ZeroCheckpointsWithoutDuplicateWeights(DeepSpeedStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only)
         module = self.lightning_module
         assert module is not None
-        strict, module.strict_loading = module.strict_loading, False  # the module part is empty
+        # The module part is empty by design, so DeepSpeed's strict loading would refuse every
+        # key; it is off for that part only. The weights' names are still checked strictly,
+        # against the names the checkpoint records (`cnet_train.resume_check`), when the
+        # module's `on_load_checkpoint` runs, before training.
+        strict, module.strict_loading = module.strict_loading, False
         try:
             state = super().load_checkpoint(checkpoint_path, weights_only)
         finally:

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 
 from cnet_models.loading import BaseModel
 from cnet_train.callbacks.control_gain import ControlGainCallback
+from cnet_train.callbacks.data_progress import DataProgress
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.export import ExportCallback
 from cnet_train.callbacks.guard import NonFiniteGuard
@@ -49,23 +50,29 @@ __all__ = [
 def build_callbacks(config: TrainConfig, resume_from: Path | None = None) -> list[L.Callback]:
     """The run's callbacks, in the order their end-of-training work must happen: the finiteness
     check, then the export, validation and loss history, and the final checkpoint last (a
-    relaunch after a kill in between resumes at the last step and does what is missing)."""
+    relaunch after a kill in between resumes at the last step and does what is missing).
+
+    The callbacks that need another one are handed it here (the guard, the EMA), rather than
+    finding it among the trainer's callbacks by class."""
     every = config.trainer.log_every_n_steps
+    guard = NonFiniteGuard(every)
+    ema = EMACallback(config.ema.config) if config.ema.enabled else None
     callbacks: list[L.Callback] = [
         ResumeAgreement(resume_from),
-        NonFiniteGuard(every),
+        DataProgress(),
+        guard,
         ThroughputLogger(every),
         LearningRateMonitor(logging_interval="step"),
     ]
-    if config.ema.enabled:
-        callbacks.append(EMACallback(config.ema.config))
-    callbacks.append(ExportCallback(config.run_dir, config.export))
+    if ema is not None:
+        callbacks.append(ema)
+    callbacks.append(ExportCallback(config.run_dir, config.export, ema=ema, guard=guard))
     buckets = run_buckets(config).config  # validation's default sizes follow the training's
     callbacks.append(ValidationCallback(config.run_dir, config.validation, buckets))
     callbacks.append(ControlGainCallback(config))
-    callbacks.append(LossHistory(config.run_dir))
+    callbacks.append(LossHistory(config.run_dir, read_every_n_steps=every))
     callbacks.append(RunSummary(config))  # prints; its end summary comes in on_fit_end
-    callbacks.append(CheckpointCallback(checkpoint_dir(config), config.checkpoint))
+    callbacks.append(CheckpointCallback(checkpoint_dir(config), config.checkpoint, guard=guard))
     return callbacks
 
 
@@ -82,7 +89,9 @@ def build_trainer(
     t = config.trainer
     silence_expected_notices()
     progress: list[L.Callback] = (
-        [StepProgressBar()] if overrides.get("enable_progress_bar", True) else []
+        [StepProgressBar(loss_every_n_steps=t.log_every_n_steps)]
+        if overrides.get("enable_progress_bar", True)
+        else []
     )
     options: dict[str, Any] = {
         "max_steps": t.max_steps,

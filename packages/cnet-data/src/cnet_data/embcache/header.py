@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from cnet_data.atomic import publish_once
 from cnet_data.embcache.format import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -127,27 +125,7 @@ def ensure_header(directory: Path, header: CacheHeader) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / HEADER_NAME
     if not path.exists():
-        _publish_once(path, header.to_json())
+        publish_once(path, header.to_json().encode("utf-8"))
     on_disk = read_header(directory)
     check_fingerprint(directory, header.fingerprint, on_disk.fingerprint)
     check_fields(directory, header.fields, on_disk.fields)
-
-
-def _publish_once(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another rank created it first; the caller compares against theirs
-        except OSError:
-            # A filesystem without hard links: fall back to an atomic replace, still safe
-            # when the racing ranks agree, which the read-back check then verifies.
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

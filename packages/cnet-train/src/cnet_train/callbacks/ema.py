@@ -1,5 +1,5 @@
 """The EMA of the ControlNet as a Lightning callback: updated after each optimizer step,
-saved in and restored from the checkpoint."""
+saved in and restored from the checkpoint under the stable key `cnet.ema`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing_extensions import override
 
 from cnet_models.ema import EMAConfig, ExponentialMovingAverage
 from cnet_train.callbacks.base import AfterBatch
+from cnet_train.deferred import DeferredState
 from cnet_train.module import ControlNetModule
+from cnet_train.state_keys import EMA_STATE_KEY, LEGACY_EMA_KEY, adopt_legacy_state
 
 
 class EMACallback(AfterBatch):
@@ -19,16 +21,20 @@ class EMACallback(AfterBatch):
     def __init__(self, config: EMAConfig) -> None:
         self.config = config
         self.ema: ExponentialMovingAverage | None = None
-        self._pending: dict[str, Any] | None = None
+        # Lightning restores callbacks before `on_fit_start`, where the EMA is made.
+        self._deferred = DeferredState()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return EMA_STATE_KEY
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = _module(pl_module)
         # Made here, not earlier: the weights are on their device and possibly sharded now.
         self.ema = ExponentialMovingAverage(module.controlnet, self.config)
-        if self._pending is not None:
-            self.ema.load_state_dict(self._pending)
-            self._pending = None
+        self._deferred.release(self.ema.load_state_dict)
 
     @override
     def after_batch(
@@ -38,6 +44,13 @@ class EMACallback(AfterBatch):
             # global_step counts optimizer steps; with gradient accumulation it stays put on
             # batches without a step, and the EMA ignores a step it has already seen.
             self.ema.update(_module(pl_module).controlnet, trainer.global_step)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        legacy = checkpoint.get("callbacks", {}).get(LEGACY_EMA_KEY)
+        adopt_legacy_state(checkpoint, EMA_STATE_KEY, legacy)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -50,12 +63,7 @@ class EMACallback(AfterBatch):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.ema is None:
-            self._pending = state_dict
-        else:
-            self.ema.load_state_dict(state_dict)
+        self._deferred.offer(state_dict, self.ema.load_state_dict if self.ema else None)
 
 
 def _module(pl_module: L.LightningModule) -> ControlNetModule:

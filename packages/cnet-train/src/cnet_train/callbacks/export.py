@@ -5,6 +5,9 @@ Each export is a folder `RUN_DIR/exports/step-00001000/` holding `controlnet/` a
 written under the hidden name `.step-00001000.partial`, fsynced and renamed: a folder with the
 final name is complete. Only then are exports beyond the newest `keep_last` deleted. A run
 resumed at its last step writes the final export if a kill had prevented it.
+
+The EMA and the non-finite guard are handed over when the callbacks are assembled
+(`cnet_train.trainer.build_callbacks`), not looked up among the trainer's callbacks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from cnet_models.gather import is_writer
 from cnet_train import durable
 from cnet_train.callbacks.base import AfterBatch
 from cnet_train.callbacks.ema import EMACallback
-from cnet_train.callbacks.guard import ensure_finite
+from cnet_train.callbacks.guard import NonFiniteGuard
 from cnet_train.config import ExportConfig
 from cnet_train.module import ControlNetModule
 
@@ -35,9 +38,21 @@ def export_dir(run_dir: Path, step: int) -> Path:
 
 
 class ExportCallback(AfterBatch):
-    def __init__(self, run_dir: Path, config: ExportConfig) -> None:
+    """Exports every `config.every_n_steps` steps and at the end; with `ema`, its twin too;
+    with `guard`, only after the guard agrees that nothing is non-finite."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: ExportConfig,
+        *,
+        ema: EMACallback | None = None,
+        guard: NonFiniteGuard | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.config = config
+        self.ema = ema
+        self.guard = guard
         self.last: Path | None = None
         """The newest complete export."""
 
@@ -76,9 +91,10 @@ class ExportCallback(AfterBatch):
         if not isinstance(pl_module, ControlNetModule):
             raise TypeError(f"ExportCallback needs a ControlNetModule, got {type(pl_module)}")
         out = export_dir(self.run_dir, trainer.global_step)
-        ensure_finite(trainer, pl_module, f"the export of step {trainer.global_step}")
+        if self.guard is not None:
+            self.guard.check(trainer, pl_module, f"the export of step {trainer.global_step}")
         partial = durable.partial_path(out)
-        ema = next((c.ema for c in trainer.callbacks if isinstance(c, EMACallback)), None)  # type: ignore[attr-defined]
+        ema = self.ema.ema if self.ema is not None else None
         try:
             if is_writer():
                 durable.remove(partial)

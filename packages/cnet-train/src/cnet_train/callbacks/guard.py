@@ -20,10 +20,13 @@ from cnet_train.callbacks.base import AfterBatch
 from cnet_train.errors import NonFiniteLossError
 from cnet_train.module import ControlNetModule
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ensure_finite"]
+__all__ = ["NonFiniteGuard", "NonFiniteLossError"]
 
 
 class NonFiniteGuard(AfterBatch):
+    """The check above; the checkpoint and export callbacks are handed this guard when the
+    callbacks are assembled and call `check` before each write."""
+
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = every_n_steps
         self._bad: torch.Tensor | None = None
@@ -72,10 +75,3 @@ def weights_finite(module: torch.nn.Module) -> bool:
     """Whether every value of `module`'s parameters this rank holds is finite (no collective)."""
     flags = [torch.isfinite(local_part(p)).all() for p in module.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def ensure_finite(trainer: L.Trainer, pl_module: L.LightningModule, before: str) -> None:
-    """Run the trainer's `NonFiniteGuard` check (if it has one) before writing weights."""
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, NonFiniteGuard):
-            callback.check(trainer, pl_module, before)

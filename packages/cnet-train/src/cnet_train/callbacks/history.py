@@ -8,6 +8,10 @@ again now), so the file holds every step once, across any number of relaunches.
 `loss.png` shows the training loss and, below it on the same step axis, the control gain
 measured at the validations (`control_gain.csv`, written by the control-gain callback with the
 same truncate-on-resume rule, through `StepTable`).
+
+The losses stay on the device, detached, until a logging step (or a checkpoint, or the end)
+reads them all at once: reading one every step would make the host wait for the GPU at every
+step.
 """
 
 from __future__ import annotations
@@ -80,11 +84,16 @@ def _line(row: Row) -> str:
 class LossHistory(AfterBatch):
     """Records (step, loss) every `every_n_steps` steps; writes `loss.csv` and `loss.png`."""
 
-    def __init__(self, run_dir: Path, every_n_steps: int = 1) -> None:
+    def __init__(self, run_dir: Path, every_n_steps: int = 1, read_every_n_steps: int = 1) -> None:
         self.run_dir = run_dir
         self.every_n_steps = every_n_steps
+        self.read_every_n_steps = read_every_n_steps
+        """Steps between reads of the recorded losses to the host (the logging interval)."""
         self.steps: list[int] = []
-        self.losses: list[float] = []
+        self._read: list[float] = []
+        """The losses of the first `len(_read)` of `steps`, read from the device."""
+        self._unread: list[torch.Tensor] = []
+        """The detached losses of the steps after those, still where the step left them."""
         self._written = 0
         """How many of `steps` are in loss.csv already."""
 
@@ -111,7 +120,20 @@ class LossHistory(AfterBatch):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self.steps.append(step)
-            self.losses.append(float(loss.detach()))
+            self._unread.append(loss.detach())
+        if step % self.read_every_n_steps == 0:  # the host syncs for the logged scalars then
+            self._read_losses()
+
+    @property
+    def losses(self) -> list[float]:
+        """The loss of each of `steps` (reads those still on the device: a host sync)."""
+        self._read_losses()
+        return list(self._read)
+
+    def _read_losses(self) -> None:
+        if self._unread:  # one copy to the host for all of them
+            self._read.extend(torch.stack(self._unread).float().cpu().tolist())
+            self._unread = []
 
     @override
     def on_save_checkpoint(
@@ -131,7 +153,8 @@ class LossHistory(AfterBatch):
         return list(zip(self.steps, self.losses, strict=True))
 
     def _append_new_rows(self) -> None:
-        new = zip(self.steps[self._written :], self.losses[self._written :], strict=True)
+        losses = self.losses
+        new = zip(self.steps[self._written :], losses[self._written :], strict=True)
         self.table.append([(s, (v,)) for s, v in new])
         self._written = len(self.steps)
 

@@ -6,6 +6,9 @@ steps from the resume point to `max_steps`, with the rate in steps and in sample
 the time left, and the logged loss. It is a `TQDMProgressBar` (tqdm is a dependency of
 cnet-train; rich, Lightning's other bar, is not) and is shown on rank 0 only. Lines printed
 through `cnet_train.summary.say` appear above it without tearing it.
+
+The loss shown is read on logging steps (and the last) only: reading the logged tensor is a
+copy from the device that makes the host wait for the GPU, which the other steps must not do.
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar:24}| [{elapsed}<{remaining}, {rat
 """`step 120/1000 |###   | [01:02<07:40, 1.91step/s, 61.2 samples/s, loss 0.103]`."""
 
 LOSS_METRIC = "train/loss"
-"""What `ControlNetModule` logs to the progress bar."""
+"""What `ControlNetModule` logs (to the callback metrics, as a tensor: the bar reads it)."""
 
 
 class StepProgressBar(TQDMProgressBar):
     """The run's bar: global step out of `max_steps`, samples/s, ETA and loss."""
 
-    def __init__(self, refresh_rate: int = 1) -> None:
+    def __init__(self, refresh_rate: int = 1, loss_every_n_steps: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=False)
+        self.loss_every_n_steps = loss_every_n_steps
+        """Steps between reads of the loss shown (the logging interval)."""
         self.samples_per_step: int | None = None
         """Samples in one optimizer step over all ranks (None: not known, not shown)."""
         self._first_step = 0
+        self._loss_text = ""
+        """The loss as shown, read at the last logging step."""
 
     @override
     def init_train_tqdm(self) -> Tqdm:
@@ -89,9 +96,12 @@ class StepProgressBar(TQDMProgressBar):
         if self.samples_per_step and elapsed > 0:
             rate = (trainer.global_step - self._first_step) * self.samples_per_step / elapsed
             parts.append(f"{rate:.3g} samples/s")
-        loss = trainer.progress_bar_metrics.get(LOSS_METRIC)
-        if loss is not None:
-            parts.append(f"loss {float(loss):.4g}")
+        step = trainer.global_step
+        if step % self.loss_every_n_steps == 0 or step == trainer.max_steps:
+            loss = trainer.callback_metrics.get(LOSS_METRIC)  # a host sync: not every step
+            self._loss_text = "" if loss is None else f"loss {float(loss):.4g}"
+        if self._loss_text:
+            parts.append(self._loss_text)
         return ", ".join(parts)
 
     @override
