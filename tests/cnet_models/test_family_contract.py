@@ -20,8 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cnet_data.run_config import FAMILY_RESOLUTIONS
-from cnet_data.run_config import detect_family as data_detect_family
 from cnet_models import facade, families
 from cnet_models.conditioning import PromptEmbeddings
 from cnet_models.configs import BaseModelConfig, ControlNetConfig
@@ -165,7 +163,6 @@ def test_full_size_configs_build_on_the_meta_device(spec: ModelFamily) -> None:
 @pytest.mark.parametrize("spec", SPECS, ids=_by_name)
 def test_default_bucket_area_and_resolution(spec: ModelFamily) -> None:
     assert spec.default_bucket_area == spec.default_resolution**2
-    assert FAMILY_RESOLUTIONS[spec.name] == spec.default_resolution  # cnet-data's own table
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=_by_name)
@@ -176,7 +173,6 @@ def test_unet_configs_are_detected_as_their_family(
     full = load_arch_config(spec.name, "unet")
     for config in (tiny, full):
         assert detect_family(config) is spec
-        assert data_detect_family(config) == spec.name  # cnet-data's copy of the rule
     assert [other.name for other in SPECS if other.matches(full)] == [spec.name]
 
 

@@ -61,3 +61,11 @@ def test_the_new_section_loads(tmp_path: Path) -> None:
 def test_caption_dropout_is_a_probability(value: float) -> None:
     with pytest.raises(ValueError, match=r"caption_dropout must be in \[0, 1\]"):
         ConditioningConfig(caption_dropout=value)
+
+
+def test_an_override_of_an_old_key_names_its_new_place(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(MINIMAL, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, overrides=["data.caption_dropout=0.2"])
+    assert "data.caption_dropout moved to conditioning.caption_dropout" in str(caught.value)

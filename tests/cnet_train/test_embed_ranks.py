@@ -3,11 +3,17 @@ torchrun's variables first, then SLURM's `srun` tasks, else the process alone.""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from unittest import mock
+
 import pytest
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from cnet_train.embed import _rank_and_world, cluster_environment
 
+OUTER = dict(os.environ)
+"""The environment before any test of this file ran."""
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "r1", "WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "1"}
 SRUN = {
     "SLURM_NTASKS": "8",
@@ -21,11 +27,17 @@ SRUN = {
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [*TORCHRUN, *SRUN, "MASTER_ADDR", "MASTER_PORT"]:
-        monkeypatch.delenv(name, raising=False)
-    # Lightning's environment sets the process's rank for its rank-zero-only functions.
-    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0), raising=False)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # The whole environment is restored afterwards, not only what the test sets: Lightning's
+    # SLURM environment writes MASTER_ADDR itself, and a leaked MASTER_ADDR sends every later
+    # multi-process launch of the session to a host that does not exist.
+    with mock.patch.dict(os.environ):
+        for name in [*TORCHRUN, *SRUN, "MASTER_ADDR", "MASTER_PORT"]:
+            os.environ.pop(name, None)
+        # Lightning's environment sets the process's rank for its rank-zero-only functions.
+        rank = getattr(rank_zero_only, "rank", 0)
+        monkeypatch.setattr(rank_zero_only, "rank", rank, raising=False)
+        yield
 
 
 def _ranks(monkeypatch: pytest.MonkeyPatch, **variables: str) -> tuple[str, int, int, int]:
@@ -55,3 +67,9 @@ def test_alone_or_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _rank_and_world() == (0, 1)  # no process group for one process
     by_hand = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
     assert _ranks(monkeypatch, **by_hand) == ("LightningEnvironment", 1, 1, 2)
+
+
+def test_no_variable_outlives_a_test() -> None:
+    # Runs after the SLURM tests (file order): nothing they or Lightning set is left behind.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "WORLD_SIZE"):
+        assert os.environ.get(name) == OUTER.get(name), name

@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from cnet_models.families import FAMILY_NAMES  # names only: no torch, no diffusers
+
     parser = argparse.ArgumentParser(
         prog="cnet-train", description="Train ControlNets for SD 1.5, 2.1 and SDXL."
     )
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="tiny offline end-to-end run on CPU")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output folder")
-    demo.add_argument("--family", choices=["sd15", "sd21", "sdxl"], default="sd15")
+    demo.add_argument("--family", choices=FAMILY_NAMES, default="sd15")
     demo.add_argument(
         "--steps",
         type=int,

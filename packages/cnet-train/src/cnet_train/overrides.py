@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import yaml
 
+from cnet_train.conditioning_config import moved_key_message
 from cnet_train.config_converter import shown
 from cnet_train.config_yaml import load_yaml
 
@@ -69,6 +70,9 @@ def _check_path(keys: list[str], schema: type) -> None:
         hints = typing.get_type_hints(section)
         valid = [a.name for a in attrs.fields(section)]
         if name not in valid:
+            moved = moved_key_message(".".join(keys[: depth + 1]))
+            if moved is not None:  # a key of an earlier config: say where it went
+                raise OverrideError(moved)
             level = f"in {where}" if where else "at the top level"
             raise OverrideError(
                 f"{'.'.join(keys)}: unknown key {name!r}{did_you_mean(name, valid)}; "

@@ -14,6 +14,7 @@ copy from the device that makes the host wait for the GPU, which the other steps
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -23,9 +24,6 @@ from typing_extensions import override
 
 BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar:24}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 """`step 120/1000 |###   | [01:02<07:40, 1.91step/s, 61.2 samples/s, loss 0.103]`."""
-
-LOSS_METRIC = "train/loss"
-"""What `ControlNetModule` logs (to the callback metrics, as a tensor: the bar reads it)."""
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -87,10 +85,10 @@ class StepProgressBar(TQDMProgressBar):
         if step % self.refresh_rate and step != trainer.max_steps:
             return
         bar.n = step
-        bar.set_postfix_str(self._postfix(trainer, bar), refresh=False)
+        bar.set_postfix_str(self._postfix(trainer, bar, outputs), refresh=False)
         bar.refresh()
 
-    def _postfix(self, trainer: L.Trainer, bar: Any) -> str:
+    def _postfix(self, trainer: L.Trainer, bar: Any, outputs: Any) -> str:
         parts = []
         elapsed = bar.format_dict.get("elapsed", 0.0)
         if self.samples_per_step and elapsed > 0:
@@ -98,7 +96,9 @@ class StepProgressBar(TQDMProgressBar):
             parts.append(f"{rate:.3g} samples/s")
         step = trainer.global_step
         if step % self.loss_every_n_steps == 0 or step == trainer.max_steps:
-            loss = trainer.callback_metrics.get(LOSS_METRIC)  # a host sync: not every step
+            # The step's own output, not `callback_metrics` (which Lightning releases before
+            # 2.6.6 fill only on their logging steps); a host sync, so not every step.
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             self._loss_text = "" if loss is None else f"loss {float(loss):.4g}"
         if self._loss_text:
             parts.append(self._loss_text)
