@@ -1,10 +1,14 @@
 """Developer sessions. `nox` runs the checks CI runs; `nox -s dev` sets up a working copy.
 
 Default (what `.ci/run` runs): `lint`, `typecheck`, `tests` (the three packages built as wheels
-and installed from them), `data_alone` and `models_alone` (one package installed alone). On
-request, until their last failures are fixed: `lowest` (every declared lower bound installed
-exactly) and `tests-3.12`. Also on request: `lock` (refreshes the lock file), `gpu_smoke`
-(needs CUDA), `bench` (prints figures), `dev`.
+and installed from them), `data_alone` and `models_alone` (one package installed alone).
+
+On request, before a release or a change of floors: `lowest` (every declared lower bound
+installed exactly; about 15 minutes here) and `tests-3.12` (about 20, most of it PyPI's CUDA
+build of torch, as no 3.12 CPU build is on this machine's disk). They run the same tests as
+`tests` less the slow and multi-process ones, and stay out of the default run because the
+default already takes about half an hour on a 2-core CI machine. Also on request: `lock`
+(refreshes the lock file), `gpu_smoke` (needs CUDA), `bench` (prints figures), `dev`.
 
 Every session installs third-party packages under `requirements/lock.txt`, the constraints
 file `nox -s lock` writes: CI installs what was last tested instead of resolving afresh, and a

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -482,6 +483,10 @@ def test_a_resumed_tensorboard_run_shows_each_step_once(make_config: MakeConfig)
     for step in (1, 2, 3, 4):
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.finalize("success")
+    # TensorBoard reads a run's event files in name order; a name starts with the second it
+    # was created in, then a per-process counter compared as text ("10" < "9"). A relaunch is
+    # a later second, so wait for one: in the same second a long test session can misorder.
+    time.sleep(1.05)
     again = build_logger(config, RESUMED)  # trains steps 3 and 4 again
     for step in (3, 4, 5):
         again.log_metrics({"train/loss": 10.0 * step}, step=step)
