@@ -20,6 +20,7 @@ from .scan import BadSamplesError as BadSamplesError
 from .scan import ScanConfig as ScanConfig
 from .scan import ScanReport as ScanReport
 from .scan import scan as scan
+from .shard_writer import ShardWriter as ShardWriter
 from .sources import SourceConfig as SourceConfig
 
 __version__: str

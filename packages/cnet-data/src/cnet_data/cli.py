@@ -16,9 +16,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from cnet_data.errors import CnetError, run_reporting
+from cnet_data.sources import SourceFormat
 
 if TYPE_CHECKING:
     from cnet_data.buckets import BucketConfig
@@ -125,10 +126,11 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         "source",
         type=Path,
         nargs="?",
-        help="JSONL manifest, prompt.json, or folder of pairs (with --config: data.source.path)",
+        help="JSONL manifest, prompt.json, folder of pairs, or tar shard(s) (with --config: "
+        "data.source.path)",
     )
     _add_config_arg(p)
-    p.add_argument("--format", choices=["jsonl", "folder", "prompt_json"], help="source layout")
+    p.add_argument("--format", choices=list(get_args(SourceFormat)), help="source layout")
     p.add_argument("--image-key", help="JSONL key of the image path (default: image)")
     p.add_argument(
         "--conditioning-key",
@@ -136,15 +138,20 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--caption-key", help="JSONL key of the caption (default: text)")
     p.add_argument(
+        "--conditioning-extension",
+        help="tar shards: extension of the conditioning member (default: cond.png, KEY.cond.png)",
+    )
+    p.add_argument(
         "--on-bad",
         choices=["skip", "fail"],
         help="skip bad samples (counted and listed) or fail (the default without --config)",
     )
     p.add_argument(
         "--verify",
-        choices=["header", "decode"],
+        choices=["header", "decode", "metadata"],  # scan.ScanVerify, kept light here
         help="header (the default): sizes from headers plus a completeness check; "
-        "decode: decode everything",
+        "decode: decode everything; metadata: sizes the source records (tar KEY.json), "
+        "else as header",
     )
     p.add_argument(
         "--max-pixels", type=_at_least(1), help="reject larger images (decompression bombs)"
@@ -181,7 +188,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-_SOURCE_FLAGS = ("format", "image_key", "conditioning_key", "caption_key")
+_SOURCE_FLAGS = ("format", "image_key", "conditioning_key", "caption_key", "conditioning_extension")
 _SCAN_FLAGS = ("max_pixels", "verify", "on_bad", "workers")
 _BUCKET_FLAGS = ("area", "min_side", "max_side", "step")
 

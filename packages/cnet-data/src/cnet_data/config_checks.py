@@ -210,6 +210,7 @@ _VALUE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (SourceConfig, "conditioning_key"): non_empty,
     (SourceConfig, "caption_key"): non_empty,
     (SourceConfig, "caption_suffix"): non_empty,
+    (SourceConfig, "conditioning_extension"): non_empty,
     (SourceConfig, "image_dir"): _sub_folder,
     (SourceConfig, "conditioning_dir"): _sub_folder,
     (ScanConfig, "max_pixels"): _at_least(1),

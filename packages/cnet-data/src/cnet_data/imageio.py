@@ -101,7 +101,9 @@ def _probe_stream(fh: BinaryIO, max_pixels: int, verify: VerifyMode) -> ImageInf
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports unreadable and truncated data as OSError (UnidentifiedImageError
         # included) and some malformed headers as SyntaxError or ValueError.
-        raise BadImageError("unreadable", f"not a readable image: {exc}") from None
+        # Pillow names the file it was given; for an in-memory member that is an object repr.
+        reason = str(exc).replace(f" {fh!r}", "")
+        raise BadImageError("unreadable", f"not a readable image: {reason}") from None
     return info
 
 

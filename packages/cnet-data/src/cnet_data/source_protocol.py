@@ -45,6 +45,10 @@ class SourceRecord:
     """The reference of a member holding the caption (a sidecar file); overrides `caption`."""
     problem: tuple[str, str] | None = None
     """(kind, reason) when the entry itself is already known to be bad."""
+    size: tuple[int, int] | None = None
+    """(height, width) of the image and its conditioning image, where the source records it
+    (a tar shard's `KEY.json`); the scan uses it instead of reading headers under
+    `verify: metadata`."""
 
 
 class SampleStore(Protocol):

@@ -3,7 +3,8 @@
 `SOURCE_KINDS` maps a `data.source.format` name to what builds its `SampleSource` from the
 `SourceConfig`; `STORE_KINDS` maps a store name (written in every index's header) to what
 rebuilds its `SampleStore` from that header. A new kind registers one of each
-(`register_source`, `register_store`); the three local sources share the `files` store.
+(`register_source`, `register_store`); the three local-file sources share the
+`files` store; `tar` has its own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from cnet_data.local_files import LocalFiles
 from cnet_data.manifest_source import ManifestSource
 from cnet_data.source_protocol import SampleSource, SampleStore
 from cnet_data.sources import SourceConfig
+from cnet_data.tar_shards import STORE_KIND as TAR
+from cnet_data.tar_shards import TarShards, TarShardSource
 
 SourceFactory = Callable[[SourceConfig], SampleSource]
 StoreFactory = Callable[[Mapping[str, object]], SampleStore]
@@ -28,9 +31,13 @@ SOURCE_KINDS: dict[str, SourceFactory] = {
     "jsonl": ManifestSource.jsonl,
     "folder": FolderSource,
     "prompt_json": ManifestSource.prompt_json,
+    "tar": TarShardSource,
 }
 """Every source kind `data.source.format` may name, and how its source is built."""
-STORE_KINDS: dict[str, StoreFactory] = {FILES: LocalFiles.from_header}
+STORE_KINDS: dict[str, StoreFactory] = {
+    FILES: LocalFiles.from_header,
+    TAR: TarShards.from_header,
+}
 """Every store kind an index header may name, and how the store is rebuilt from the header."""
 
 

@@ -1,6 +1,6 @@
 """Dataset sources: the user's `data.source` settings, and the rules every local source shares.
 
-Three layouts are understood, each a `SampleSource` (`cnet_data.source_protocol`) registered by
+Four layouts are understood, each a `SampleSource` (`cnet_data.source_protocol`) registered by
 its `format` name in `cnet_data.source_registry`:
 - `jsonl`: a JSONL manifest with configurable keys (paths relative to the manifest's folder),
   `cnet_data.manifest_source`;
@@ -8,7 +8,9 @@ its `format` name in `cnet_data.source_registry`:
   caption sidecars next to the images (`images/a/001.jpg`, `conditioning/a/001.png`,
   `images/a/001.txt`), `cnet_data.folder_source`;
 - `prompt_json`: the original ControlNet tutorial's `prompt.json` (`source` = conditioning,
-  `target` = image, `prompt` = caption; one JSON object per line, or one JSON array).
+  `target` = image, `prompt` = caption; one JSON object per line, or one JSON array);
+- `tar`: WebDataset-style tar shards (`000123.jpg`, `000123.cond.png`, `000123.txt`), one `.tar`
+  file or a folder of them, read by byte range, `cnet_data.tar_shards`.
 
 Sources only read text; image files are probed later, in parallel. Paths are normalised
 lexically and a path that leaves the dataset root is reported, never followed. Every entry that
@@ -27,7 +29,7 @@ import attrs
 
 from cnet_data.errors import CnetError
 
-SourceFormat = Literal["jsonl", "folder", "prompt_json"]
+SourceFormat = Literal["jsonl", "folder", "prompt_json", "tar"]
 """The source kinds `format` may name: those of `cnet_data.source_registry.SOURCE_KINDS` (a test
 keeps the two equal; a new kind is registered there and named here)."""
 
@@ -50,7 +52,8 @@ class SourceConfig:
     """Where the samples are and how their fields are named."""
 
     path: Path
-    """A JSONL manifest, a `prompt.json`, or a folder of pairs."""
+    """A JSONL manifest, a `prompt.json`, a folder of pairs, or a `.tar` shard or folder of
+    shards."""
     format: SourceFormat | None = None
     """Layout of `path`; detected from it when not given."""
     image_key: str = "image"
@@ -64,23 +67,33 @@ class SourceConfig:
     conditioning_dir: str = "conditioning"
     """Folder layout: sub-folder holding the conditioning images."""
     caption_suffix: str = ".txt"
-    """Folder layout: suffix of the caption sidecar that sits next to each image."""
+    """Folder layout: suffix of the caption sidecar that sits next to each image; tar layout:
+    the caption member's extension (`KEY.txt`)."""
+    conditioning_extension: str = "cond.png"
+    """Tar layout: the extension of each sample's conditioning member (`KEY.cond.png`); the
+    image is the sample's one other image member."""
 
     @property
     def resolved_format(self) -> SourceFormat:
         if self.format is not None:
             return self.format
         if self.path.is_dir():
-            return "folder"
+            # A folder of pairs has its image folder; otherwise shards at its top make it tar.
+            has_shards = next(self.path.glob("*.tar"), None) is not None
+            return "tar" if has_shards and not (self.path / self.image_dir).is_dir() else "folder"
         if self.path.name == "prompt.json":
             return "prompt_json"
+        if self.path.suffix == ".tar":
+            return "tar"
         return "jsonl"
 
     @property
     def root(self) -> Path:
         """The dataset root: the folder itself, or the folder holding the manifest."""
         path = self.path.absolute()
-        return path if self.resolved_format == "folder" else path.parent
+        kind = self.resolved_format
+        is_folder = kind == "folder" or (kind == "tar" and path.suffix != ".tar")
+        return path if is_folder else path.parent
 
 
 def inside_root(root: Path, relative: str) -> str | None:
@@ -103,7 +116,8 @@ def require_exists(config: SourceConfig) -> None:
     if not config.path.exists():
         raise SourceError(
             f"dataset source {config.path} does not exist",
-            hint="give the path of a JSONL manifest, a prompt.json or a folder of pairs",
+            hint="give the path of a JSONL manifest, a prompt.json, a folder of pairs or of tar "
+            "shards",
         )
 
 

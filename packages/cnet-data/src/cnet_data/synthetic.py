@@ -7,6 +7,7 @@ by the demos, the tests and the benchmarks; sizes vary so that several buckets a
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cnet_data.atomic import atomic_write_text
+from cnet_data.shard_writer import ShardWriter
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -70,6 +72,39 @@ def write_fill_dataset(
     manifest = root / "manifest.jsonl"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
+
+
+def write_fill_shards(
+    folder: Path,
+    count: int,
+    *,
+    samples_per_shard: int = 1000,
+    sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+    seed: int = 0,
+) -> list[Path]:
+    """Write the samples `write_fill_dataset` writes (same `seed` and `sizes`, same order) as
+    tar shards under `folder`, as img2dataset lays them out: `NNNNNN.png`, `NNNNNN.cond.png`,
+    `NNNNNN.txt` and `NNNNNN.json` (its width and height). Returns the shards' paths."""
+    with ShardWriter(folder, samples_per_shard=samples_per_shard) as writer:
+        for i, sample in enumerate(fill_samples(count, sizes=sizes, seed=seed)):
+            width, height = sample.image.size
+            meta = {"key": f"{i:06d}", "width": width, "height": height}
+            writer.add(
+                f"{i:06d}",
+                {
+                    "png": _png(sample.image),
+                    "cond.png": _png(sample.outline),
+                    "txt": sample.caption.encode("utf-8"),
+                    "json": json.dumps(meta).encode("utf-8"),
+                },
+            )
+    return writer.shards
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 @attrs.frozen

@@ -130,6 +130,7 @@ FOREIGN_CHECKS: dict[type, dict[str, Check]] = {
         "image_dir": _sub_folder,
         "conditioning_dir": _sub_folder,
         "caption_suffix": _non_empty,
+        "conditioning_extension": _non_empty,
     },
     ScanConfig: {"max_pixels": at_least_int(1), "workers": at_least_int(0)},
     AugmentConfig: {"max_pixels": at_least_int(1)},

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from cnet_data.sources import SourceConfig, SourceError
+from cnet_data.tar_shards import shard_paths
 from cnet_models.configs import is_hub_id, looks_local
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import ConfigError, problems_error
@@ -78,19 +80,31 @@ def _data_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
     path = source.path
     if not path.exists():
         return [*problems, _missing("data.source.path", path, base_dir)]
-    layout = source.resolved_format
-    if layout == "folder":
-        if not path.is_dir():
-            return [*problems, f"data.source.path: {path} is a file, but format is folder"]
+    return [*problems, *_layout_problems(source)]
+
+
+def _layout_problems(source: SourceConfig) -> list[str]:
+    """What keeps an existing `data.source.path` from being read in its format's layout."""
+    path, layout = source.path, source.resolved_format
+    if layout == "tar":
+        try:
+            shard_paths(source)
+        except SourceError as exc:
+            return [f"data.source.path: {exc}; {exc.hint}"]
+        return []
+    if layout != "folder":
+        is_folder = f"data.source.path: {path} is a folder, but format is {layout}"
+        return [] if path.is_file() else [is_folder]
+    if not path.is_dir():
+        return [f"data.source.path: {path} is a file, but format is folder"]
+    return [
+        f"{key}: {path / sub} is not a folder"
         for key, sub in (
             ("data.source.image_dir", source.image_dir),
             ("data.source.conditioning_dir", source.conditioning_dir),
-        ):
-            if not (path / sub).is_dir():
-                problems.append(f"{key}: {path / sub} is not a folder")
-    elif not path.is_file():
-        problems.append(f"data.source.path: {path} is a folder, but format is {layout}")
-    return problems
+        )
+        if not (path / sub).is_dir()
+    ]
 
 
 def _cache_problems(config: TrainConfig, command: Command) -> list[str]:

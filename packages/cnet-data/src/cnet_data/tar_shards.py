@@ -1,0 +1,267 @@
+"""The `tar` source: WebDataset-style tar shards, read by byte range.
+
+A shard is an uncompressed tar whose members are grouped into samples by key, as img2dataset
+and webdataset write them: `000123.jpg`, `000123.cond.png`, `000123.txt`, `000123.json` (its
+`width` and `height` are the sample's size under the scan's `verify: metadata`; other members
+are passed over). The key is the member's path up to the first dot of its file
+name; what follows is the member's extension. Per sample, the image is the one member with an
+image extension other than the conditioning extension (`SourceConfig.conditioning_extension`,
+`cond.png` by default), the caption is `KEY` + `caption_suffix` (`.txt`).
+
+The index keeps each member as `SHARD:OFFSET:SIZE:NAME` (`TarShards.reference`), so training
+reads a member with one seek and one read, and the bucket sampler keeps random access and its
+exact resume: nothing is streamed. Compressed shards (`.tar.gz`) have no byte offsets to seek
+to and are refused with that reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, BinaryIO
+
+import attrs
+
+from cnet_data.jsonlines import LineCount
+from cnet_data.source_protocol import SourceRecord
+from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig, SourceError, is_utf8, require_exists
+
+STORE_KIND = "tar"
+"""The name `TarShards` is registered under, and written in an index's header."""
+SHARD_SUFFIX = ".tar"
+_REFERENCE = re.compile(r"(?P<shard>.+?\.tar):(?P<offset>\d+):(?P<size>\d+):(?P<name>.+)", re.S)
+
+
+@attrs.frozen
+class Member:
+    """Where one tar member's bytes are: its shard (relative to the root) and byte range."""
+
+    shard: str
+    offset: int
+    size: int
+    name: str
+    """The member's path inside the shard, for people."""
+
+
+@attrs.frozen
+class TarShards:
+    """Members are byte ranges of shards under `root`, named by `reference`."""
+
+    root: Path
+    """The folder holding the shards, absolute."""
+
+    @property
+    def kind(self) -> str:
+        return STORE_KIND
+
+    @staticmethod
+    def reference(member: Member) -> str:
+        return f"{member.shard}:{member.offset}:{member.size}:{member.name}"
+
+    @staticmethod
+    def member(reference: str) -> Member:
+        """The member a reference names; `ValueError` when it is not one."""
+        found = _REFERENCE.fullmatch(reference)
+        if found is None:
+            raise ValueError(f"{reference!r} is not a tar member (SHARD:OFFSET:SIZE:NAME)")
+        return Member(found["shard"], int(found["offset"]), int(found["size"]), found["name"])
+
+    def open(self, reference: str) -> BinaryIO:
+        member = self.member(reference)
+        data = os.pread(_shard_fd(self.root / member.shard), member.size, member.offset)
+        if len(data) != member.size:
+            raise OSError(
+                f"shard {member.shard} ends {member.size - len(data)} bytes into member "
+                f"{member.name} (truncated since it was indexed?)"
+            )
+        return io.BytesIO(data)
+
+    def describe(self, reference: str) -> str:
+        member = self.member(reference)
+        return f"{self.root / member.shard} member {member.name}"
+
+    def relocated(self, root: Path) -> TarShards:
+        return TarShards(Path(root).absolute())
+
+    def header(self) -> Mapping[str, object]:
+        return {"kind": STORE_KIND, "root": str(self.root)}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, object]) -> TarShards:
+        """The store an index header describes; `ValueError` naming what is missing."""
+        root = header.get("root")
+        if not isinstance(root, str) or not root:
+            raise ValueError(f"a {STORE_KIND!r} store needs a root folder, got {root!r}")
+        return cls(Path(root))
+
+
+_OPEN_SHARDS: OrderedDict[tuple[int, Path], int] = OrderedDict()
+_MAX_OPEN_SHARDS = 64
+
+
+def _shard_fd(path: Path) -> int:
+    """A read-only descriptor of `path`, kept open for the next read (most recently used
+    first, at most 64): a member read is then one `pread`, as cheap as reading a loose file.
+    Keyed by process too, so a forked loader worker opens its own rather than sharing."""
+    key = (os.getpid(), path)
+    fd = _OPEN_SHARDS.get(key)
+    if fd is not None:
+        _OPEN_SHARDS.move_to_end(key)
+        return fd
+    fd = os.open(path, os.O_RDONLY)
+    _OPEN_SHARDS[key] = fd
+    if len(_OPEN_SHARDS) > _MAX_OPEN_SHARDS:
+        old_key, old = _OPEN_SHARDS.popitem(last=False)
+        if old_key[0] == key[0]:
+            os.close(old)
+    return fd
+
+
+def shard_paths(config: SourceConfig) -> list[Path]:
+    """The shards `config.path` names: itself when it is a `.tar` file, else every `.tar`
+    under it, in name order (the index order, which a resumed run relies on)."""
+    require_exists(config)
+    path = config.path.absolute()
+    if path.is_file():
+        return [path]
+    shards = sorted(p for p in path.rglob(f"*{SHARD_SUFFIX}") if p.is_file())
+    if not shards:
+        compressed = sorted(path.rglob("*.tar.gz")) + sorted(path.rglob("*.tgz"))
+        hint = (
+            "shards must be uncompressed tar files: a compressed one has no byte offsets to "
+            "read a sample from (img2dataset writes uncompressed .tar)"
+            if compressed
+            else "write the shards as NAME.tar files, or pick another data.source.format"
+        )
+        raise SourceError(f"tar dataset {path} holds no {SHARD_SUFFIX} shard", hint=hint)
+    return shards
+
+
+@attrs.frozen
+class TarShardSource:
+    """One sample per key that has an image and a conditioning member."""
+
+    config: SourceConfig
+
+    @property
+    def store(self) -> TarShards:
+        return TarShards(self.config.root)
+
+    @property
+    def counts_lines(self) -> bool:
+        return False
+
+    def records(self, count: LineCount) -> Iterator[SourceRecord]:
+        root = self.config.root
+        for shard in shard_paths(self.config):
+            yield from self._shard_records(root, shard.relative_to(root).as_posix())
+
+    def _shard_records(self, root: Path, shard: str) -> Iterator[SourceRecord]:
+        if ":" in shard or not is_utf8(shard):
+            reason = "shard path has a ':' or is not valid UTF-8; rename it"
+            yield SourceRecord(shard, "", "", problem=("bad_file_name", reason))
+            return
+        read = _read_shard(root / shard, shard)
+        for key, members in read.groups.items():
+            record = self._record(shard, key, members)
+            size = read.sizes.get(key)
+            yield record if size is None or record.problem else attrs.evolve(record, size=size)
+        if read.problem is not None:
+            yield SourceRecord(shard, shard, "", problem=("bad_shard", read.problem))
+
+    def _record(self, shard: str, key: str, members: dict[str, Member]) -> SourceRecord:
+        where = f"{shard}:{key}"
+        wanted_cond = self.config.conditioning_extension.lower()
+        caption_ext = self.config.caption_suffix.lstrip(".").lower()
+        images = [m for ext, m in members.items() if _is_image(ext) and ext != wanted_cond]
+        cond = members.get(wanted_cond)
+        shown_cond = f"{key}.{self.config.conditioning_extension}"
+        if not images:
+            problem = ("missing_file", "no image member")
+            return SourceRecord(where, where, shown_cond, problem=problem)
+        image = TarShards.reference(images[0])
+        if len(images) > 1:
+            names = ", ".join(m.name for m in images)
+            reason = f"several image members share the key {key!r}: {names}"
+            return SourceRecord(where, image, shown_cond, problem=("ambiguous_pair", reason))
+        if cond is None:
+            reason = f"no conditioning member {shown_cond}"
+            return SourceRecord(where, image, shown_cond, problem=("missing_file", reason))
+        caption = members.get(caption_ext)
+        if caption is None:
+            reason = f"no caption member {key}.{caption_ext}"
+            return SourceRecord(
+                where, image, TarShards.reference(cond), problem=("caption_missing", reason)
+            )
+        return SourceRecord(
+            where,
+            image,
+            TarShards.reference(cond),
+            caption_member=TarShards.reference(caption),
+        )
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """A member name's (key, extension), split at the first dot of its file name, as
+    webdataset does: `a/000123.cond.png` -> (`a/000123`, `cond.png`)."""
+    folder, _, file_name = name.rpartition("/")
+    stem, _, extension = file_name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _is_image(extension: str) -> bool:
+    return f".{extension.rsplit('.', 1)[-1]}" in IMAGE_SUFFIXES
+
+
+@attrs.define
+class _ShardRead:
+    groups: dict[str, dict[str, Member]] = attrs.Factory(dict)
+    """The regular members by key and extension, keys in the order they appear."""
+    sizes: dict[str, tuple[int, int]] = attrs.Factory(dict)
+    """(height, width) by key, from `KEY.json` where it has `width` and `height`."""
+    problem: str | None = None
+    """Why reading stopped early (a damaged or compressed shard), if it did."""
+
+
+def _read_shard(path: Path, shard: str) -> _ShardRead:
+    read = _ShardRead()
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                if info.offset_data + info.size > size:  # tarfile reads headers, not data
+                    read.problem = f"member {info.name} is cut off at byte {size} of the shard"
+                    return read
+                key, extension = split_name(info.name)
+                member = Member(shard, info.offset_data, info.size, info.name)
+                read.groups.setdefault(key, {}).setdefault(extension, member)
+                if extension == "json" and info.size <= _MAX_JSON_BYTES:
+                    _note_size(read.sizes, key, tar.extractfile(info))
+    except (tarfile.TarError, OSError) as exc:
+        read.problem = f"shard cannot be read past its first {len(read.groups)} keys: {exc}"
+    return read
+
+
+_MAX_JSON_BYTES = 1 << 16
+
+
+def _note_size(sizes: dict[str, tuple[int, int]], key: str, fh: IO[bytes] | None) -> None:
+    """Record `KEY.json`'s width and height (as img2dataset writes them); a JSON member
+    without them, or not JSON, just leaves the sizes to the image headers."""
+    try:
+        meta = json.loads(fh.read()) if fh is not None else None
+    except ValueError:
+        return
+    if not isinstance(meta, dict):
+        return
+    width, height = meta.get("width"), meta.get("height")
+    if type(width) is int and type(height) is int and width > 0 and height > 0:
+        sizes[key] = (height, width)
