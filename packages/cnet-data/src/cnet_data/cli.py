@@ -74,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug_arg(buckets)
     buckets.set_defaults(run=_run_buckets)
 
+    condition = commands.add_parser(
+        "condition", help="make Canny conditioning images for a folder of images"
+    )
+    condition.add_argument("images", type=Path, help="folder of images (captions: x.txt by x.jpg)")
+    condition.add_argument(
+        "--out", type=Path, required=True, help="dataset folder to write (images/, conditioning/)"
+    )
+    condition.add_argument("--method", choices=["canny"], default="canny", help="what to draw")
+    condition.add_argument("--low", type=_at_least(0), default=100, help="Canny low threshold")
+    condition.add_argument("--high", type=_at_least(0), default=200, help="Canny high threshold")
+    condition.add_argument(
+        "--workers", type=_at_least(0), default=0, help="processes (default: one per core)"
+    )
+    condition.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_debug_arg(condition)
+    condition.set_defaults(run=_run_condition)
+
     demo = commands.add_parser("demo", help="generate a small dataset, index it, draw batches")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output directory")
     demo.add_argument("--samples", type=int, default=48, help="samples to generate")
@@ -261,6 +278,23 @@ def _index_dir(given: Path | None, run: RunDataConfig | None, flag: str) -> Path
     raise MissingSettingError(
         f"no index folder: {where}", hint=f"give {flag}, or --config RUN.yaml with run_dir"
     )
+
+
+def _run_condition(args: argparse.Namespace) -> int:
+    from cnet_data.condition import CannyConfig, condition_folder
+
+    config = CannyConfig(low=args.low, high=args.high)
+    report = condition_folder(
+        args.images, args.out, config, workers=args.workers, progress=not args.quiet
+    )
+    print(
+        f"conditioning: {report.written} written, {report.skipped} already there, "
+        f"{len(report.failed)} unreadable"
+    )
+    for image, reason in report.failed:
+        print(f"  {image}: {reason}")
+    print(f"index it with: cnet-data index {args.out} --out {args.out}-index")
+    return 1 if report.failed else 0
 
 
 def _run_index(args: argparse.Namespace) -> int:

@@ -1,0 +1,113 @@
+"""`cnet-data condition`: Canny maps of real photos, written as a dataset cnet indexes as is."""
+
+from __future__ import annotations
+
+import builtins
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnet_data.cli import main
+from cnet_data.condition import CannyConfig, ConditionError, condition_folder
+from cnet_data.index import DatasetIndex
+from cnet_data.scan import ScanConfig, scan
+from cnet_data.sources import SourceConfig
+
+cv2 = pytest.importorskip("cv2")
+skimage_data = pytest.importorskip("skimage.data")
+
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """Three real photos from scikit-image, as JPEGs with captions, one in a sub-folder."""
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    for name in PHOTOS:
+        rel = Path("cats", name) if name == "chelsea" else Path(name)
+        Image.fromarray(getattr(skimage_data, name)()).save((folder / rel).with_suffix(".jpg"))
+        (folder / rel).with_suffix(".txt").write_text(f"a photo: {name}\n")
+    return folder
+
+
+def test_canny_maps_of_real_photos_are_opencvs_and_index_as_a_folder_dataset(
+    photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "dataset"
+    report = condition_folder(photos, out, CannyConfig(80, 160), workers=1, progress=False)
+    assert (report.written, report.skipped, report.failed) == (3, 0, [])
+    for rel in ("astronaut", "coffee", "cats/chelsea"):
+        rgb = np.asarray(Image.open(photos / f"{rel}.jpg").convert("RGB"))
+        edges = np.asarray(Image.open(out / "conditioning" / f"{rel}.png"))
+        assert edges.shape == (*rgb.shape[:2], 3)
+        assert np.array_equal(edges[:, :, 0], cv2.Canny(rgb, 80, 160))
+        assert np.array_equal(edges[:, :, 0], edges[:, :, 2])
+        assert 0.01 < (edges > 0).mean() < 0.5  # a photo has edges, but is not all edge
+    # Lower thresholds find more edges.
+    loose = condition_folder(photos, tmp_path / "loose", CannyConfig(20, 40), progress=False)
+    assert loose.written == 3
+    many = np.asarray(Image.open(tmp_path / "loose" / "conditioning" / "coffee.png"))
+    few = np.asarray(Image.open(out / "conditioning" / "coffee.png"))
+    assert (many > 0).sum() > (few > 0).sum()
+
+    builder, scanned = scan(SourceConfig(out), ScanConfig(workers=1), progress=False)
+    assert scanned.accepted == 3 and scanned.bad == []
+    builder.write(tmp_path / "index")
+    index = DatasetIndex(tmp_path / "index")
+    assert sorted(index.caption(i) for i in range(3)) == [f"a photo: {n}" for n in sorted(PHOTOS)]
+
+
+def test_a_second_run_finishes_an_interrupted_one_and_redoes_nothing(
+    photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "dataset"
+    condition_folder(photos, out, workers=1, progress=False)
+    done = out / "conditioning" / "coffee.png"
+    os.utime(done, (1, 1))  # an untouched output keeps this time
+    lost = out / "conditioning" / "astronaut.png"
+    lost.unlink()  # as if killed before its rename
+    again = condition_folder(photos, out, workers=2, progress=False)
+    assert (again.written, again.skipped) == (1, 2)
+    assert lost.is_file() and done.stat().st_mtime == 1
+    assert not list(out.rglob("*.partial")) and not list(out.rglob(".*tmp*"))
+
+
+def test_bad_input_is_refused_or_reported_by_name(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConditionError, match="low <= high"):
+        condition_folder(photos, tmp_path / "x", CannyConfig(200, 100), progress=False)
+    with pytest.raises(ConditionError, match="inside the source folder"):
+        condition_folder(photos, photos / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConditionError, match="no images under"):
+        condition_folder(tmp_path / "empty", tmp_path / "y", progress=False)
+    (photos / "broken.png").write_bytes(b"not an image")
+    code = main(["condition", str(photos), "--out", str(tmp_path / "z"), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "3 written, 0 already there, 1 unreadable" in printed
+    assert "broken.png: not a readable image" in printed
+    assert f"cnet-data index {tmp_path / 'z'}" in printed
+
+
+def test_without_opencv_the_error_names_the_extra(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_import = builtins.__import__
+
+    def no_cv2(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "cv2":
+            raise ImportError("No module named 'cv2'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cv2)
+    with pytest.raises(ConditionError, match="needs OpenCV") as refused:
+        condition_folder(photos, tmp_path / "out", progress=False)
+    assert "cnet-data[condition]" in refused.value.hint
+    assert not (tmp_path / "out").exists()  # refused before anything was written
