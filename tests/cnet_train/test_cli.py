@@ -8,7 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from cnet_models.facade import controlnet_weights_from_original, load_controlnet
 from cnet_train.cli import main
 
 
@@ -62,6 +65,25 @@ def test_demo_then_export_then_pipeline(
 
     for name in ("controlnet", "controlnet_ema"):
         render_with_controlnet(out / "model", tmp_path / "exported" / name)
+
+    # The same checkpoint as single files: diffusers' converter reads back the folder export.
+    single = tmp_path / "single"
+    assert main(["export", str(checkpoint), str(single), "--format", "single-file"]) == 0
+    assert sorted(p.name for p in single.iterdir()) == [
+        "controlnet.safetensors",
+        "controlnet_ema.safetensors",
+    ]
+    for name in ("controlnet", "controlnet_ema"):
+        folder = load_controlnet(tmp_path / "exported" / name, None)
+        stored = load_file(str(single / f"{name}.safetensors"))
+        back = controlnet_weights_from_original(stored, dict(folder.config))
+        for key, value in folder.state_dict().items():
+            # diffusers' converter has no SDXL added-embedding rule: its original name then.
+            label = key.replace("add_embedding.linear_1", "label_emb.0.0").replace(
+                "add_embedding.linear_2", "label_emb.0.2"
+            )
+            found = back[key] if key in back else stored[f"control_model.{label}"]
+            assert torch.equal(found, value), key
 
 
 def test_config_errors_name_the_key_and_load_nothing(

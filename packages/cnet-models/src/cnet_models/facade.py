@@ -18,6 +18,7 @@ import torch
 import cnet_models.quiet  # noqa: F401 (first: it filters notices the imports below would print)
 
 # isort: split
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.controlnets.controlnet import ControlNetModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -56,6 +57,7 @@ __all__ = [
     "UNet2DConditionModel",
     "checked",
     "controlnet_from_unet",
+    "controlnet_weights_from_original",
     "diffusers_dtype",
     "load_component",
     "load_controlnet",
@@ -142,6 +144,15 @@ def load_vae_config(source: str | Path, subfolder: str | None, **kwargs: Any) ->
 def load_controlnet(source: str | Path, subfolder: str | None, **kwargs: Any) -> ControlNetModel:
     controlnet: ControlNetModel = load_component(ControlNetModel, source, subfolder, **kwargs)
     return controlnet
+
+
+def controlnet_weights_from_original(
+    stored: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """diffusers' own reading of an original-layout ControlNet state dict (what
+    `ControlNetModel.from_single_file` loads): the judge of cnet's single-file export."""
+    converted = convert_controlnet_checkpoint(stored, config)  # type: ignore[no-untyped-call]
+    return dict(converted)
 
 
 def load_scheduler(source: str | Path, subfolder: str | None, **kwargs: Any) -> DDPMScheduler:

@@ -77,7 +77,19 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="checkpoint to diffusers ControlNet folder(s)")
     export.add_argument("checkpoint", type=Path, help="a Lightning, DeepSpeed or FSDP checkpoint")
-    export.add_argument("out", type=Path, help="folder to write controlnet/ (and controlnet_ema/)")
+    export.add_argument(
+        "out",
+        type=Path,
+        help="folder to write controlnet/ (and controlnet_ema/); with --format single-file, "
+        "controlnet.safetensors (and controlnet_ema.safetensors)",
+    )
+    export.add_argument(
+        "--format",
+        choices=["diffusers", "single-file"],
+        default="diffusers",
+        help="diffusers folders (the default), or one .safetensors per ControlNet in the "
+        "original layout that A1111, Forge and ComfyUI load",
+    )
     export.set_defaults(run=_export)
 
     evaluate = commands.add_parser(
@@ -186,9 +198,10 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cnet_train.export import export_checkpoint
+    from cnet_train.export import export_checkpoint, export_single_files
 
-    for path in export_checkpoint(args.checkpoint, args.out):
+    write = export_single_files if args.format == "single-file" else export_checkpoint
+    for path in write(args.checkpoint, args.out):
         print(path)
     return 0
 

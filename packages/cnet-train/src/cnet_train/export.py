@@ -23,6 +23,7 @@ from cnet_models.ema import (
 )
 from cnet_models.ema_export import export_ema_controlnet
 from cnet_models.facade import ControlNetModel, checked
+from cnet_models.original_layout import save_single_file
 from cnet_train.state_keys import EMA_STATE_KEY, LEGACY_EMA_KEY, callback_state
 
 CONTROLNET_CONFIG_KEY = "cnet_controlnet_config"
@@ -130,6 +131,14 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
         ema = _saved_ema(controlnet, ema_state)
         written.append(export_ema_controlnet(ema, controlnet, Path(out) / "controlnet_ema"))
     return written
+
+
+def export_single_files(checkpoint: Path, out: Path) -> list[Path]:
+    """Write the ControlNet (and EMA) of `checkpoint` as `out/controlnet.safetensors` (and
+    `out/controlnet_ema.safetensors`) in the original ControlNet layout that A1111, Forge and
+    ComfyUI load; return the files."""
+    found = checkpoint_controlnets(checkpoint)
+    return [save_single_file(net, Path(out) / f"{name}.safetensors") for name, net in found.items()]
 
 
 def _controlnet_weights(state: dict[str, Any], source: Path) -> dict[str, torch.Tensor]:
