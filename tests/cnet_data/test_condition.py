@@ -111,3 +111,22 @@ def test_without_opencv_the_error_names_the_extra(
         condition_folder(photos, tmp_path / "out", progress=False)
     assert "cnet-data[condition]" in refused.value.hint
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_the_map_follows_exif_orientation_and_name_clashes_are_reported(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    turned = Image.fromarray(skimage_data.coffee())  # 600 wide, 400 high, stored turned
+    exif = turned.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    turned.save(folder / "phone.jpg", exif=exif)
+    Image.fromarray(skimage_data.chelsea()).save(folder / "cat.jpg")
+    Image.fromarray(skimage_data.chelsea()).save(folder / "cat.png")
+    report = condition_folder(folder, tmp_path / "out", workers=1, progress=False)
+    assert report.written == 1
+    assert sorted(image for image, _ in report.failed) == ["cat.jpg", "cat.png"]
+    assert all("shares its name with" in reason for _, reason in report.failed)
+    edges = Image.open(tmp_path / "out" / "conditioning" / "phone.png")
+    assert edges.size == (400, 600)  # as the loader shows the photo: upright

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from collections import Counter
@@ -222,7 +223,7 @@ def test_an_interrupted_writer_leaves_no_partial_shard(tmp_path: Path) -> None:
         write_then_fail()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]
     with pytest.raises(ValueError, match="without dots"):
-        ShardWriter(tmp_path).add("a.b", {"txt": b""})
+        ShardWriter(tmp_path / "other").add("a.b", {"txt": b""})
 
 
 def test_the_index_command_reads_shards(tmp_path: Path) -> None:
@@ -268,3 +269,50 @@ def test_metadata_sizes_skip_the_image_reads_where_a_json_member_has_them(
     ]
     _, checked = scan(SourceConfig(tmp_path / "more"), header, progress=False)
     assert [b.kind for b in checked.bad] == ["unreadable"]  # headers read: the lie is found
+
+
+def test_named_shards_extension_dots_and_repeated_members(tmp_path: Path) -> None:
+    good = {"png": _png(32, 32, 0), "cond.png": _png(32, 32, 1), "txt": b"caption"}
+    with ShardWriter(tmp_path / "w", samples_per_shard=10) as writer:
+        writer.add("k", good)
+    part = tmp_path / "data.tar.part"  # a shard under a name that does not end in .tar
+    (tmp_path / "w" / "00000.tar").rename(part)
+    config = SourceConfig(part, format="tar", conditioning_extension=".cond.png")
+    assert config.root == tmp_path
+    index = _index(config, tmp_path / "index")
+    assert index.caption(0) == "caption"
+    with tarfile.open(tmp_path / "twice.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [*((f"k.{e}", d) for e, d in good.items()), ("k.png", good["png"])]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    skip = ScanConfig(workers=1, on_bad="skip")
+    with pytest.raises(NoSamplesError) as refused:
+        scan(SourceConfig(tmp_path / "twice.tar"), skip, progress=False)
+    (bad,) = refused.value.report.bad
+    assert bad.kind == "ambiguous_pair" and "appears twice" in bad.reason
+
+
+def test_recorded_sizes_obey_max_pixels_and_a_used_folder_is_refused(tmp_path: Path) -> None:
+    good = {"png": _png(32, 32, 0), "cond.png": _png(32, 32, 1), "txt": b"caption"}
+    with ShardWriter(tmp_path / "s", samples_per_shard=10) as writer:
+        writer.add("huge", {**good, "json": b'{"width": 100000, "height": 100000}'})
+        writer.add("fine", {**good, "json": b'{"width": 32, "height": 32}'})
+    config = ScanConfig(workers=1, on_bad="skip", verify="metadata")
+    _, report = scan(SourceConfig(tmp_path / "s"), config, progress=False)
+    assert report.accepted == 1 and [b.kind for b in report.bad] == ["decompression_bomb"]
+    with pytest.raises(ValueError, match=r"already holds \.tar shards"):
+        ShardWriter(tmp_path / "s")
+
+
+def test_a_shard_replaced_after_a_read_is_read_afresh(tmp_path: Path) -> None:
+    write_fill_shards(tmp_path / "a", 2, samples_per_shard=2, seed=0)
+    write_fill_shards(tmp_path / "b", 2, samples_per_shard=2, seed=5)
+    index = _index(SourceConfig(tmp_path / "a"), tmp_path / "index")
+    caption = index[1].caption_key
+    store = index.store
+    first = store.open(index[1].image).read()
+    shard = tmp_path / "a" / "00000.tar"
+    os.replace(tmp_path / "b" / "00000.tar", shard)  # same layout, other pixels
+    assert store.open(index[1].image).read() != first
+    assert caption == index[1].caption_key

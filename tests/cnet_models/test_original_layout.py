@@ -116,3 +116,13 @@ def test_a_weight_the_layout_does_not_know_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'extra_thing' has no place in the original layout"):
         save_single_file(controlnet, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_conditioning_embedding_loaders_do_not_know_is_refused(tmp_path: Path) -> None:
+    write_tiny_model("sd15", tmp_path / "model")
+    narrow = controlnet_from_unet(
+        load_unet(tmp_path / "model", "unet"), conditioning_embedding_out_channels=(16, 32)
+    )
+    with pytest.raises(ValueError, match=r"\(16, 32\); the original layout has"):
+        save_single_file(narrow, tmp_path / "x.safetensors")
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".*partial"))

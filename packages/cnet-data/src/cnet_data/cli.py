@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug_arg(buckets)
     buckets.set_defaults(run=_run_buckets)
 
+    _add_condition_command(commands)
+
+    demo = commands.add_parser("demo", help="generate a small dataset, index it, draw batches")
+    demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output directory")
+    demo.add_argument("--samples", type=int, default=48, help="samples to generate")
+    _add_debug_arg(demo)
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+def _add_condition_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`cnet-data condition` and its arguments (no --config: it writes a dataset, not an index)."""
     condition = commands.add_parser(
         "condition", help="make Canny conditioning images for a folder of images"
     )
@@ -90,13 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     condition.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_debug_arg(condition)
     condition.set_defaults(run=_run_condition)
-
-    demo = commands.add_parser("demo", help="generate a small dataset, index it, draw batches")
-    demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output directory")
-    demo.add_argument("--samples", type=int, default=48, help="samples to generate")
-    _add_debug_arg(demo)
-    demo.set_defaults(run=_run_demo)
-    return parser
 
 
 _DEBUG_HELP = "print the traceback of an error, not just its message"

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cnet_data.atomic import atomic_open
@@ -116,6 +116,7 @@ def condition_folder(
     if out == source or source in out.parents:
         raise ConditionError(f"--out {out} is inside the source folder {source}; pick another")
     report = ConditionReport()
+    images, report.failed = _unique_stems(images)
     todo = [rel for rel in images if not _conditioning_path(out, rel).is_file()]
     report.skipped = len(images) - len(todo)
     bar = tqdm(total=len(todo), desc="conditioning", unit="image", disable=not progress)
@@ -127,6 +128,22 @@ def condition_folder(
             report.failed.append((rel, problem))
     bar.close()
     return report
+
+
+def _unique_stems(images: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The images whose name without suffix is theirs alone (`a.jpg` and `a.png` would share
+    `conditioning/a.png`), and a reason for each of the others."""
+    by_stem: dict[str, list[str]] = {}
+    for rel in images:
+        by_stem.setdefault(Path(rel).with_suffix("").as_posix(), []).append(rel)
+    unique = [names[0] for names in by_stem.values() if len(names) == 1]
+    clashing = [
+        (rel, f"shares its name with {', '.join(n for n in names if n != rel)}; rename one")
+        for names in by_stem.values()
+        if len(names) > 1
+        for rel in names
+    ]
+    return sorted(unique), clashing
 
 
 def _run_all(
@@ -155,8 +172,10 @@ def _condition_one(source: Path, out: Path, rel: str, config: CannyConfig) -> st
     """Write one pair; the reason it could not, if it could not."""
     try:
         with Image.open(source / rel) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as exc:
+            # The loader turns an image by its EXIF orientation: the map must match that.
+            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        edges = canny_map(rgb, config)
+    except Exception as exc:  # one bad image (unreadable, a bomb, OpenCV's refusal) is reported
         return f"not a readable image: {exc}"
     _place_image(source / rel, out / "images" / rel)
     caption = (source / rel).with_suffix(".txt")
@@ -165,7 +184,7 @@ def _condition_one(source: Path, out: Path, rel: str, config: CannyConfig) -> st
     target = _conditioning_path(out, rel)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(target) as fh:  # written last: its presence marks the pair complete
-        canny_map(rgb, config).save(fh, format="PNG")
+        edges.save(fh, format="PNG")
     return None
 
 

@@ -282,7 +282,7 @@ def _probe_sample(store: SampleStore, raw: SourceRecord, config: ScanConfig) -> 
     if isinstance(caption, _Bad):
         return caption
     if config.verify == "metadata" and raw.size is not None:
-        return _Good(*raw.size, caption)
+        return _recorded_size(raw.size, caption, config)
     sizes = []
     for label, ref in (("image", raw.image), ("conditioning image", raw.conditioning)):
         try:
@@ -297,6 +297,15 @@ def _probe_sample(store: SampleStore, raw: SourceRecord, config: ScanConfig) -> 
             f"image is {iw}x{ih} but conditioning image is {cw}x{ch}; they must match",
         )
     return _Good(ih, iw, caption)
+
+
+def _recorded_size(size: tuple[int, int], caption: str, config: ScanConfig) -> _Good | _Bad:
+    """The sample as the source records its size (no image read), within `max_pixels`."""
+    height, width = size
+    if height * width > config.max_pixels:
+        reason = f"the source records {width}x{height}, over max_pixels {config.max_pixels}"
+        return _Bad("decompression_bomb", reason)
+    return _Good(height, width, caption)
 
 
 def _probe_member(store: SampleStore, reference: str, config: ScanConfig) -> ImageInfo:

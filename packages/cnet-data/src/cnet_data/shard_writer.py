@@ -25,6 +25,9 @@ class ShardWriter:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
         self.folder = Path(folder)
+        if self.folder.is_dir() and next(self.folder.glob("*.tar"), None) is not None:
+            # Numbering starts at 00000: shards of an earlier, longer run would stay beside.
+            raise ValueError(f"{self.folder} already holds .tar shards; write into a new folder")
         self.samples_per_shard = samples_per_shard
         self.shards: list[Path] = []
         """The shards completed so far, in order."""

@@ -78,9 +78,10 @@ class SourceConfig:
         if self.format is not None:
             return self.format
         if self.path.is_dir():
-            # A folder of pairs has its image folder; otherwise shards at its top make it tar.
-            has_shards = next(self.path.glob("*.tar"), None) is not None
-            return "tar" if has_shards and not (self.path / self.image_dir).is_dir() else "folder"
+            # A folder of pairs has its image folder; otherwise shards in it make it tar.
+            if (self.path / self.image_dir).is_dir():
+                return "folder"
+            return "tar" if next(self.path.rglob("*.tar"), None) is not None else "folder"
         if self.path.name == "prompt.json":
             return "prompt_json"
         if self.path.suffix == ".tar":
@@ -92,7 +93,7 @@ class SourceConfig:
         """The dataset root: the folder itself, or the folder holding the manifest."""
         path = self.path.absolute()
         kind = self.resolved_format
-        is_folder = kind == "folder" or (kind == "tar" and path.suffix != ".tar")
+        is_folder = kind == "folder" or (kind == "tar" and not path.is_file())
         return path if is_folder else path.parent
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,7 +36,8 @@ from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig, SourceError, is_utf8
 STORE_KIND = "tar"
 """The name `TarShards` is registered under, and written in an index's header."""
 SHARD_SUFFIX = ".tar"
-_REFERENCE = re.compile(r"(?P<shard>.+?\.tar):(?P<offset>\d+):(?P<size>\d+):(?P<name>.+)", re.S)
+# A shard path never holds a ':' (the source refuses such a shard), so the first one ends it.
+_REFERENCE = re.compile(r"(?P<shard>[^:]+):(?P<offset>\d+):(?P<size>\d+):(?P<name>.+)", re.S)
 
 
 @attrs.frozen
@@ -74,7 +76,7 @@ class TarShards:
 
     def open(self, reference: str) -> BinaryIO:
         member = self.member(reference)
-        data = os.pread(_shard_fd(self.root / member.shard), member.size, member.offset)
+        data = _pread_member(self.root / member.shard, member.size, member.offset)
         if len(data) != member.size:
             raise OSError(
                 f"shard {member.shard} ends {member.size - len(data)} bytes into member "
@@ -101,26 +103,29 @@ class TarShards:
         return cls(Path(root))
 
 
-_OPEN_SHARDS: OrderedDict[tuple[int, Path], int] = OrderedDict()
+_OPEN_SHARDS: OrderedDict[tuple[int, Path, int, int], int] = OrderedDict()
 _MAX_OPEN_SHARDS = 64
+_OPEN_SHARDS_LOCK = threading.Lock()
 
 
-def _shard_fd(path: Path) -> int:
-    """A read-only descriptor of `path`, kept open for the next read (most recently used
-    first, at most 64): a member read is then one `pread`, as cheap as reading a loose file.
-    Keyed by process too, so a forked loader worker opens its own rather than sharing."""
-    key = (os.getpid(), path)
-    fd = _OPEN_SHARDS.get(key)
-    if fd is not None:
+def _pread_member(path: Path, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` of `path`, through a descriptor kept open for the next read
+    (the 64 most recently used): a member read is then a `stat` and a `pread`, as cheap as
+    reading a loose file. Keyed by process (a forked loader worker opens its own) and by the
+    file's inode and modification time (a shard replaced since is opened afresh); the lock
+    keeps a thread from closing a descriptor another is reading."""
+    stat = os.stat(path)
+    key = (os.getpid(), path, stat.st_ino, stat.st_mtime_ns)
+    with _OPEN_SHARDS_LOCK:
+        fd = _OPEN_SHARDS.get(key)
+        if fd is None:
+            fd = _OPEN_SHARDS[key] = os.open(path, os.O_RDONLY)
+            if len(_OPEN_SHARDS) > _MAX_OPEN_SHARDS:
+                old_key, old = _OPEN_SHARDS.popitem(last=False)
+                if old_key[0] == key[0]:  # another process's descriptor is not ours to close
+                    os.close(old)
         _OPEN_SHARDS.move_to_end(key)
-        return fd
-    fd = os.open(path, os.O_RDONLY)
-    _OPEN_SHARDS[key] = fd
-    if len(_OPEN_SHARDS) > _MAX_OPEN_SHARDS:
-        old_key, old = _OPEN_SHARDS.popitem(last=False)
-        if old_key[0] == key[0]:
-            os.close(old)
-    return fd
+        return os.pread(fd, size, offset)
 
 
 def shard_paths(config: SourceConfig) -> list[Path]:
@@ -169,6 +174,11 @@ class TarShardSource:
             return
         read = _read_shard(root / shard, shard)
         for key, members in read.groups.items():
+            if key in read.repeated:
+                reason = f"a member name under key {key!r} appears twice in the shard"
+                where = f"{shard}:{key}"
+                yield SourceRecord(where, where, "", problem=("ambiguous_pair", reason))
+                continue
             record = self._record(shard, key, members)
             size = read.sizes.get(key)
             yield record if size is None or record.problem else attrs.evolve(record, size=size)
@@ -177,11 +187,11 @@ class TarShardSource:
 
     def _record(self, shard: str, key: str, members: dict[str, Member]) -> SourceRecord:
         where = f"{shard}:{key}"
-        wanted_cond = self.config.conditioning_extension.lower()
+        wanted_cond = self.config.conditioning_extension.lstrip(".").lower()
         caption_ext = self.config.caption_suffix.lstrip(".").lower()
         images = [m for ext, m in members.items() if _is_image(ext) and ext != wanted_cond]
         cond = members.get(wanted_cond)
-        shown_cond = f"{key}.{self.config.conditioning_extension}"
+        shown_cond = f"{key}.{wanted_cond}"
         if not images:
             problem = ("missing_file", "no image member")
             return SourceRecord(where, where, shown_cond, problem=problem)
@@ -227,6 +237,8 @@ class _ShardRead:
     """(height, width) by key, from `KEY.json` where it has `width` and `height`."""
     problem: str | None = None
     """Why reading stopped early (a damaged or compressed shard), if it did."""
+    repeated: set[str] = attrs.Factory(set)
+    """Keys with a member name that appears twice: which one is the sample is unknown."""
 
 
 def _read_shard(path: Path, shard: str) -> _ShardRead:
@@ -242,7 +254,10 @@ def _read_shard(path: Path, shard: str) -> _ShardRead:
                     return read
                 key, extension = split_name(info.name)
                 member = Member(shard, info.offset_data, info.size, info.name)
-                read.groups.setdefault(key, {}).setdefault(extension, member)
+                group = read.groups.setdefault(key, {})
+                if extension in group:
+                    read.repeated.add(key)
+                group.setdefault(extension, member)
                 if extension == "json" and info.size <= _MAX_JSON_BYTES:
                     _note_size(read.sizes, key, tar.extractfile(info))
     except (tarfile.TarError, OSError) as exc:

@@ -58,8 +58,20 @@ def _resnet(rest: str) -> str:
     return f"{renamed}.{tail}" if tail else renamed
 
 
+ORIGINAL_HINT_CHANNELS = (16, 32, 96, 256)
+"""The conditioning embedding of every original ControlNet: loaders assume its layout."""
+
+
 def _renamer(config: Mapping[str, Any]) -> Callable[[str], str]:
     """The original name of each diffusers key, for a ControlNet built from `config`."""
+    hint = tuple(config["conditioning_embedding_out_channels"])
+    if hint != ORIGINAL_HINT_CHANNELS:
+        # diffusers' converter, A1111 and ComfyUI place the hint block's output convolution
+        # at index 14 and assume these widths; another embedding would load wrongly there.
+        raise ValueError(
+            f"the ControlNet's conditioning_embedding_out_channels are {hint}; the original "
+            f"layout has {ORIGINAL_HINT_CHANNELS} only, so export it in the diffusers format"
+        )
     per_block = int(config["layers_per_block"])
     hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
     rules: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
@@ -135,8 +147,11 @@ def save_single_file(controlnet: ControlNetModel, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.partial")
-    save_file(original_state_dict(controlnet), str(staged), metadata={"format": "pt"})
-    with open(staged, "rb") as fh:  # on disk before the rename makes it the file
-        os.fsync(fh.fileno())
-    staged.replace(path)
+    try:
+        save_file(original_state_dict(controlnet), str(staged), metadata={"format": "pt"})
+        with open(staged, "rb") as fh:  # on disk before the rename makes it the file
+            os.fsync(fh.fileno())
+        staged.replace(path)
+    finally:
+        staged.unlink(missing_ok=True)
     return path
