@@ -88,7 +88,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def test_every_format_name_is_a_registered_kind() -> None:
     assert set(typing.get_args(SourceFormat)) == set(SOURCE_KINDS)
-    assert set(STORE_KINDS) == {"files", "tar"}
+    assert set(STORE_KINDS) == {"files", "tar", "hf"}
     with pytest.raises(ValueError, match="already registered"):
         register_source("jsonl", MemorySource)
 

@@ -8,6 +8,7 @@ value of the wrong type or out of range, each reported under its dotted key.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -197,6 +198,11 @@ def _sub_folder(value: Any) -> str | None:
     return None
 
 
+def _cache_bound(value: Any) -> str | None:
+    ok = isinstance(value, int | float) and math.isfinite(value) and value >= 0
+    return None if ok else f"must be a finite number of GiB >= 0, got {value}"
+
+
 def _at_least(minimum: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return f"must be at least {minimum}, got {value}" if value < minimum else None
@@ -211,6 +217,8 @@ _VALUE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (SourceConfig, "caption_key"): non_empty,
     (SourceConfig, "caption_suffix"): non_empty,
     (SourceConfig, "conditioning_extension"): non_empty,
+    (SourceConfig, "split"): non_empty,
+    (SourceConfig, "read_cache_gib"): _cache_bound,
     (SourceConfig, "image_dir"): _sub_folder,
     (SourceConfig, "conditioning_dir"): _sub_folder,
     (ScanConfig, "max_pixels"): _at_least(1),

@@ -4,7 +4,7 @@
 `SourceConfig`; `STORE_KINDS` maps a store name (written in every index's header) to what
 rebuilds its `SampleStore` from that header. A new kind registers one of each
 (`register_source`, `register_store`); the three local-file sources share the
-`files` store; `tar` has its own.
+`files` store; `tar` and `hf` have their own.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import TypeVar
 
 from cnet_data.errors import CnetError
 from cnet_data.folder_source import FolderSource
+from cnet_data.hf_rows import STORE_KIND as HF
+from cnet_data.hf_rows import HfRows, HfRowSource
 from cnet_data.local_files import STORE_KIND as FILES
 from cnet_data.local_files import LocalFiles
 from cnet_data.manifest_source import ManifestSource
@@ -32,11 +34,13 @@ SOURCE_KINDS: dict[str, SourceFactory] = {
     "folder": FolderSource,
     "prompt_json": ManifestSource.prompt_json,
     "tar": TarShardSource,
+    "hf": HfRowSource,
 }
 """Every source kind `data.source.format` may name, and how its source is built."""
 STORE_KINDS: dict[str, StoreFactory] = {
     FILES: LocalFiles.from_header,
     TAR: TarShards.from_header,
+    HF: HfRows.from_header,
 }
 """Every store kind an index header may name, and how the store is rebuilt from the header."""
 

@@ -10,7 +10,9 @@ its `format` name in `cnet_data.source_registry`:
 - `prompt_json`: the original ControlNet tutorial's `prompt.json` (`source` = conditioning,
   `target` = image, `prompt` = caption; one JSON object per line, or one JSON array);
 - `tar`: WebDataset-style tar shards (`000123.jpg`, `000123.cond.png`, `000123.txt`), one `.tar`
-  file or a folder of them, read by byte range, `cnet_data.tar_shards`.
+  file or a folder of them (or an fsspec `url` of them), read by byte range,
+  `cnet_data.tar_shards`;
+- `hf`: a Hugging Face dataset's parquet or arrow files (the fill50k layout), `cnet_data.hf_rows`.
 
 Sources only read text; image files are probed later, in parallel. Paths are normalised
 lexically and a path that leaves the dataset root is reported, never followed. Every entry that
@@ -29,7 +31,7 @@ import attrs
 
 from cnet_data.errors import CnetError
 
-SourceFormat = Literal["jsonl", "folder", "prompt_json", "tar"]
+SourceFormat = Literal["jsonl", "folder", "prompt_json", "tar", "hf"]
 """The source kinds `format` may name: those of `cnet_data.source_registry.SOURCE_KINDS` (a test
 keeps the two equal; a new kind is registered there and named here)."""
 
@@ -57,11 +59,11 @@ class SourceConfig:
     format: SourceFormat | None = None
     """Layout of `path`; detected from it when not given."""
     image_key: str = "image"
-    """JSONL key of the image path."""
+    """JSONL key of the image path; `hf` layout: the image column."""
     conditioning_key: str = "conditioning_image"
-    """JSONL key of the conditioning image path."""
+    """JSONL key of the conditioning image path; `hf` layout: its column."""
     caption_key: str = "text"
-    """JSONL key of the caption."""
+    """JSONL key of the caption; `hf` layout: the caption column."""
     image_dir: str = "images"
     """Folder layout: sub-folder holding the images (and their caption sidecars)."""
     conditioning_dir: str = "conditioning"
@@ -72,28 +74,51 @@ class SourceConfig:
     conditioning_extension: str = "cond.png"
     """Tar layout: the extension of each sample's conditioning member (`KEY.cond.png`); the
     image is the sample's one other image member."""
+    split: str = "train"
+    """Hf layout: the split read from a folder holding several (files under a `SPLIT/` folder
+    or named `SPLIT-...`); a folder with no split marked is read whole."""
+    url: str | None = None
+    """Where the data is when it is not on this machine: an fsspec URL of tar shards
+    (`s3://bucket/shards`, `gs://...`, `https://...`; needs `cnet-data[remote]` and the
+    filesystem's package) or a hub dataset `hf://datasets/OWNER/NAME` (downloaded to `path`).
+    `path` is then the local folder cnet keeps for the dataset (the read-through cache)."""
+    read_cache_gib: float = 0.0
+    """Tar shards at a `url`: the bound of the local read-through cache of members under `path`
+    (0 reads every member from the URL)."""
 
     @property
     def resolved_format(self) -> SourceFormat:
         if self.format is not None:
             return self.format
+        if self.url is not None:
+            return "hf" if self.url.startswith("hf://datasets/") else "tar"
         if self.path.is_dir():
-            # A folder of pairs has its image folder; otherwise shards in it make it tar.
-            if (self.path / self.image_dir).is_dir():
-                return "folder"
-            return "tar" if next(self.path.rglob("*.tar"), None) is not None else "folder"
+            return self._folder_format()
         if self.path.name == "prompt.json":
             return "prompt_json"
-        if self.path.suffix == ".tar":
+        by_suffix: dict[str, SourceFormat] = {".tar": "tar", ".parquet": "hf", ".arrow": "hf"}
+        return by_suffix.get(self.path.suffix, "jsonl")
+
+    def _folder_format(self) -> SourceFormat:
+        # A folder of pairs has its image folder; otherwise shards, or a dataset's row
+        # files, in it make it tar or hf.
+        if (self.path / self.image_dir).is_dir():
+            return "folder"
+        if next(self.path.rglob("*.tar"), None) is not None:
             return "tar"
-        return "jsonl"
+        marks = ("dataset_info.json", "dataset_dict.json", "state.json")
+        if any((self.path / mark).is_file() for mark in marks):
+            return "hf"
+        rows = next(self.path.rglob("*.parquet"), None) or next(self.path.rglob("*.arrow"), None)
+        return "hf" if rows is not None else "folder"
 
     @property
     def root(self) -> Path:
-        """The dataset root: the folder itself, or the folder holding the manifest."""
+        """The dataset root: the folder itself, or the folder holding the manifest (or the
+        one file of shards or rows)."""
         path = self.path.absolute()
         kind = self.resolved_format
-        is_folder = kind == "folder" or (kind == "tar" and not path.is_file())
+        is_folder = kind == "folder" or (kind in ("tar", "hf") and not path.is_file())
         return path if is_folder else path.parent
 
 

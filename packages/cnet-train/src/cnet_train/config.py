@@ -131,6 +131,8 @@ FOREIGN_CHECKS: dict[type, dict[str, Check]] = {
         "conditioning_dir": _sub_folder,
         "caption_suffix": _non_empty,
         "conditioning_extension": _non_empty,
+        "split": _non_empty,
+        "read_cache_gib": finite(at_least=0),
     },
     ScanConfig: {"max_pixels": at_least_int(1), "workers": at_least_int(0)},
     AugmentConfig: {"max_pixels": at_least_int(1)},
