@@ -10,6 +10,10 @@ writing is quick and the figures are about the reads) twice: as WebDataset-style
 - random access: samples read per second (image, conditioning and caption bytes) in a random
   order over the whole dataset, through the index's store, as the dataset reads them.
 
+The shards are also read as an fsspec URL (`file://`, the local filesystem through fsspec):
+each member one ranged read, without and with the read-through cache (filled by the scan), the
+path a dataset on `s3://` takes, less the network.
+
     python benchmarks/index_shards.py [--samples 100000] [--per-shard 1000] [--workers 2]
 
 The page cache is warm for both (the files were just written): this compares the reading
@@ -106,9 +110,15 @@ def main() -> None:
             ("tar shards", SourceConfig(shards), "header"),
             ("tar, json", SourceConfig(shards), "metadata"),
             ("loose files", SourceConfig(loose, format="folder"), "header"),
+            ("fsspec", SourceConfig(root / "kept", url=f"file://{shards}"), "header"),
+            (
+                "fsspec+cache",
+                SourceConfig(root / "kept-c", url=f"file://{shards}", read_cache_gib=8.0),
+                "header",
+            ),
         ]
         for name, source, verify in runs:
-            out = root / f"index-{name.replace(' ', '-').replace(',', '')}"
+            out = root / f"index-{name.replace(' ', '-').replace(',', '').replace('+', '-')}"
             rate, per_sample = index_figures(source, out, args.workers, verify)
             reads = reads_per_second(DatasetIndex(out), args.reads)
             print(

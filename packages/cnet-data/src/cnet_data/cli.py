@@ -148,17 +148,30 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         "source",
         type=Path,
         nargs="?",
-        help="JSONL manifest, prompt.json, folder of pairs, or tar shard(s) (with --config: "
-        "data.source.path)",
+        help="JSONL manifest, prompt.json, folder of pairs, tar shard(s), or a Hugging Face "
+        "dataset's parquet/arrow files; with --url, the local folder kept for the dataset "
+        "(with --config: data.source.path)",
     )
     _add_config_arg(p)
     p.add_argument("--format", choices=list(get_args(SourceFormat)), help="source layout")
-    p.add_argument("--image-key", help="JSONL key of the image path (default: image)")
+    p.add_argument("--image-key", help="JSONL key or column of the image (default: image)")
     p.add_argument(
         "--conditioning-key",
-        help="JSONL key of the condition (default: conditioning_image)",
+        help="JSONL key or column of the condition (default: conditioning_image)",
     )
-    p.add_argument("--caption-key", help="JSONL key of the caption (default: text)")
+    p.add_argument("--caption-key", help="JSONL key or column of the caption (default: text)")
+    p.add_argument("--split", help="hf: the split to read (default: train)")
+    p.add_argument(
+        "--url",
+        help="tar shards at an fsspec URL (s3://bucket/shards) or a hub dataset "
+        "(hf://datasets/OWNER/NAME)",
+    )
+    p.add_argument(
+        "--read-cache-gib",
+        type=float,
+        help="--url tar shards: bound of the local read-through cache under SOURCE (default 0: "
+        "none)",
+    )
     p.add_argument(
         "--conditioning-extension",
         help="tar shards: extension of the conditioning member (default: cond.png, KEY.cond.png)",
@@ -210,7 +223,16 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-_SOURCE_FLAGS = ("format", "image_key", "conditioning_key", "caption_key", "conditioning_extension")
+_SOURCE_FLAGS = (
+    "format",
+    "image_key",
+    "conditioning_key",
+    "caption_key",
+    "conditioning_extension",
+    "split",
+    "url",
+    "read_cache_gib",
+)
 _SCAN_FLAGS = ("max_pixels", "verify", "on_bad", "workers")
 _BUCKET_FLAGS = ("area", "min_side", "max_side", "step")
 

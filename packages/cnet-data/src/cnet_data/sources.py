@@ -54,8 +54,9 @@ class SourceConfig:
     """Where the samples are and how their fields are named."""
 
     path: Path
-    """A JSONL manifest, a `prompt.json`, a folder of pairs, or a `.tar` shard or folder of
-    shards."""
+    """A JSONL manifest, a `prompt.json`, a folder of pairs, a `.tar` shard or folder of
+    shards, or a Hugging Face dataset's parquet or arrow file or folder; with `url`, the
+    local folder kept for the dataset."""
     format: SourceFormat | None = None
     """Layout of `path`; detected from it when not given."""
     image_key: str = "image"

@@ -12,6 +12,10 @@ The index keeps each member as `SHARD:OFFSET:SIZE:NAME` (`TarShards.reference`),
 reads a member with one seek and one read, and the bucket sampler keeps random access and its
 exact resume: nothing is streamed. Compressed shards (`.tar.gz`) have no byte offsets to seek
 to and are refused with that reason.
+
+With `SourceConfig.url` the shards are at an fsspec URL (`s3://bucket/shards`): the index is
+the same, and a member is one ranged request, through a bounded local read-through cache under
+`path` when `read_cache_gib` is set (`cnet_data.remote_reads`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import IO, BinaryIO
 
 import attrs
 
+from cnet_data import remote_reads
 from cnet_data.jsonlines import LineCount
 from cnet_data.source_protocol import SourceRecord
 from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig, SourceError, is_utf8, require_exists
@@ -36,8 +41,9 @@ from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig, SourceError, is_utf8
 STORE_KIND = "tar"
 """The name `TarShards` is registered under, and written in an index's header."""
 SHARD_SUFFIX = ".tar"
-# A shard path never holds a ':' (the source refuses such a shard), so the first one ends it.
-_REFERENCE = re.compile(r"(?P<shard>[^:]+):(?P<offset>\d+):(?P<size>\d+):(?P<name>.+)", re.S)
+# A shard path never holds a ":" (the source refuses such a shard), so the first one ends
+# it; it is empty when the one shard is the whole `url`.
+_REFERENCE = re.compile(r"(?P<shard>[^:]*):(?P<offset>\d+):(?P<size>\d+):(?P<name>.+)", re.S)
 
 
 @attrs.frozen
@@ -56,7 +62,11 @@ class TarShards:
     """Members are byte ranges of shards under `root`, named by `reference`."""
 
     root: Path
-    """The folder holding the shards, absolute."""
+    """The folder holding the shards, absolute; with `url`, the local folder of the cache."""
+    url: str | None = None
+    """Where the shards are when they are not under `root`: an fsspec URL."""
+    cache_bytes: int = 0
+    """With `url`: the bound of the read-through cache under `root` (0: no cache)."""
 
     @property
     def kind(self) -> str:
@@ -76,7 +86,7 @@ class TarShards:
 
     def open(self, reference: str) -> BinaryIO:
         member = self.member(reference)
-        data = _pread_member(self.root / member.shard, member.size, member.offset)
+        data = self._read(member)
         if len(data) != member.size:
             raise OSError(
                 f"shard {member.shard} ends {member.size - len(data)} bytes into member "
@@ -84,23 +94,54 @@ class TarShards:
             )
         return io.BytesIO(data)
 
+    def _read(self, member: Member) -> bytes:
+        if self.url is None:
+            return _pread_member(self.root / member.shard, member.size, member.offset)
+        url = remote_reads.join(self.url, member.shard) if member.shard else self.url
+
+        def fetch() -> bytes:
+            return remote_reads.ranged_read(url, member.offset, member.size)
+
+        if self.cache_bytes <= 0:
+            return fetch()
+        key = f"{url}:{member.offset}:{member.size}"
+        return _cache(self.root, self.cache_bytes).read(key, fetch, member.size)
+
     def describe(self, reference: str) -> str:
         member = self.member(reference)
+        if self.url is not None:
+            return f"{remote_reads.join(self.url, member.shard)} member {member.name}"
         return f"{self.root / member.shard} member {member.name}"
 
     def relocated(self, root: Path) -> TarShards:
-        return TarShards(Path(root).absolute())
+        return attrs.evolve(self, root=Path(root).absolute())
 
     def header(self) -> Mapping[str, object]:
-        return {"kind": STORE_KIND, "root": str(self.root)}
+        remote = {} if self.url is None else {"url": self.url, "cache_bytes": self.cache_bytes}
+        return {"kind": STORE_KIND, "root": str(self.root), **remote}
 
     @classmethod
     def from_header(cls, header: Mapping[str, object]) -> TarShards:
         """The store an index header describes; `ValueError` naming what is missing."""
-        root = header.get("root")
+        root, url, cache = header.get("root"), header.get("url"), header.get("cache_bytes", 0)
         if not isinstance(root, str) or not root:
             raise ValueError(f"a {STORE_KIND!r} store needs a root folder, got {root!r}")
-        return cls(Path(root))
+        if not (url is None or isinstance(url, str)) or type(cache) is not int:
+            raise ValueError(f"a {STORE_KIND!r} store's url {url!r} or cache {cache!r} is wrong")
+        return cls(Path(root), url, cache)
+
+
+_CACHES: dict[tuple[int, Path, int], remote_reads.ReadThroughCache] = {}
+
+
+def _cache(root: Path, max_bytes: int) -> remote_reads.ReadThroughCache:
+    """The read-through cache under `root`, one per process (each counts what it wrote)."""
+    key = (os.getpid(), root, max_bytes)
+    with _OPEN_SHARDS_LOCK:
+        found = _CACHES.get(key)
+        if found is None:
+            found = _CACHES[key] = remote_reads.ReadThroughCache(root / "read-cache", max_bytes)
+        return found
 
 
 _OPEN_SHARDS: OrderedDict[tuple[int, Path, int, int], int] = OrderedDict()
@@ -156,23 +197,29 @@ class TarShardSource:
 
     @property
     def store(self) -> TarShards:
-        return TarShards(self.config.root)
+        config = self.config
+        cache_bytes = int(config.read_cache_gib * 2**30)
+        return TarShards(config.root, config.url, cache_bytes if config.url else 0)
 
     @property
     def counts_lines(self) -> bool:
         return False
 
     def records(self, count: LineCount) -> Iterator[SourceRecord]:
-        root = self.config.root
-        for shard in shard_paths(self.config):
-            yield from self._shard_records(root, shard.relative_to(root).as_posix())
+        root, url = self.config.root, self.config.url
+        if url is not None:
+            for shard in remote_shards(url):
+                yield from self._shard_records(shard, _RemoteShard(url, shard))
+            return
+        for path in shard_paths(self.config):
+            yield from self._shard_records(path.relative_to(root).as_posix(), path)
 
-    def _shard_records(self, root: Path, shard: str) -> Iterator[SourceRecord]:
+    def _shard_records(self, shard: str, opened: Path | _RemoteShard) -> Iterator[SourceRecord]:
         if ":" in shard or not is_utf8(shard):
             reason = "shard path has a ':' or is not valid UTF-8; rename it"
             yield SourceRecord(shard, "", "", problem=("bad_file_name", reason))
             return
-        read = _read_shard(root / shard, shard)
+        read = _read_shard(opened, shard)
         for key, members in read.groups.items():
             if key in read.repeated:
                 reason = f"a member name under key {key!r} appears twice in the shard"
@@ -241,11 +288,38 @@ class _ShardRead:
     """Keys with a member name that appears twice: which one is the sample is unknown."""
 
 
-def _read_shard(path: Path, shard: str) -> _ShardRead:
+@attrs.frozen
+class _RemoteShard:
+    url: str
+    shard: str
+
+    def open(self) -> tuple[IO[bytes], int]:
+        url = remote_reads.join(self.url, self.shard) if self.shard else self.url
+        return remote_reads.open_remote(url)
+
+
+def remote_shards(url: str) -> list[str]:
+    """The shards at `url`, relative to it (`""` when `url` is one shard), in name order."""
+    shards = remote_reads.list_files(url, SHARD_SUFFIX)
+    if not shards:
+        raise SourceError(
+            f"tar dataset {url} holds no {SHARD_SUFFIX} shard",
+            hint="check data.source.url names the folder (prefix) of the shards",
+        )
+    return shards
+
+
+def _open_shard(where: Path | _RemoteShard) -> tuple[IO[bytes], int]:
+    if isinstance(where, _RemoteShard):
+        return where.open()
+    return open(where, "rb"), where.stat().st_size
+
+
+def _read_shard(where: Path | _RemoteShard, shard: str) -> _ShardRead:
     read = _ShardRead()
-    size = path.stat().st_size
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        fh, size = _open_shard(where)
+        with fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for info in tar:
                 if not info.isreg():
                     continue

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from cnet_data.hf_rows import row_files
 from cnet_data.sources import SourceConfig, SourceError
 from cnet_data.tar_shards import shard_paths
 from cnet_models.configs import is_hub_id, looks_local
@@ -77,6 +78,8 @@ def _data_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
         return []
     problems = [] if data.index is None else _writable_problems("data.index", data.index)
     source = data.source
+    if source.url is not None:
+        return problems  # the URL is read (or downloaded) when indexing, and checked then
     path = source.path
     if not path.exists():
         return [*problems, _missing("data.source.path", path, base_dir)]
@@ -86,9 +89,9 @@ def _data_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
 def _layout_problems(source: SourceConfig) -> list[str]:
     """What keeps an existing `data.source.path` from being read in its format's layout."""
     path, layout = source.path, source.resolved_format
-    if layout == "tar":
+    if layout in ("tar", "hf"):
         try:
-            shard_paths(source)
+            shard_paths(source) if layout == "tar" else row_files(source)
         except SourceError as exc:
             return [f"data.source.path: {exc}; {exc.hint}"]
         return []
