@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import builtins
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -130,3 +131,66 @@ def test_the_map_follows_exif_orientation_and_name_clashes_are_reported(
     assert all("shares its name with" in reason for _, reason in report.failed)
     edges = Image.open(tmp_path / "out" / "conditioning" / "phone.png")
     assert edges.size == (400, 600)  # as the loader shows the photo: upright
+
+
+def test_a_manifest_and_a_dataset_are_conditioned_with_their_captions(
+    photos: Path, tmp_path: Path
+) -> None:
+    lines = [
+        '{"image": "astronaut.jpg", "text": "an astronaut"}',
+        '{"image": "cats/chelsea.jpg", "text": "a cat"}',
+        '{"image": "../outside.jpg", "text": "x"}',
+        '{"image": "coffee.jpg", "text": 7}',
+    ]
+    (photos / "list.jsonl").write_text("\n".join(lines) + "\n")
+    report = condition_folder(photos / "list.jsonl", tmp_path / "m", workers=1, progress=False)
+    assert report.written == 2 and [w for w, _ in report.failed] == ["list.jsonl:3", "list.jsonl:4"]
+    assert (tmp_path / "m" / "images" / "cats" / "chelsea.txt").read_text() == "a cat\n"
+    assert os.path.samefile(tmp_path / "m" / "images" / "astronaut.jpg", photos / "astronaut.jpg")
+
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict(
+        {"image": [str(photos / "coffee.jpg")], "text": ["a coffee"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
+    table.to_parquet(str(tmp_path / "rows.parquet"))
+    source = SourceConfig(tmp_path / "rows.parquet")
+    assert condition_folder(source, tmp_path / "d", workers=1, progress=False).written == 1
+    written = tmp_path / "d" / "images" / "rows" / "00000000.jpg"
+    assert written.read_bytes() == (photos / "coffee.jpg").read_bytes()
+    _, scanned = scan(SourceConfig(tmp_path / "d"), ScanConfig(workers=1), progress=False)
+    assert scanned.accepted == 1
+
+
+class _Inverted:
+    """Stands in for a controlnet_aux detector: works at 512 and returns a PIL image."""
+
+    loaded_from: ClassVar[list[str]] = []
+
+    @classmethod
+    def from_pretrained(cls, where: str) -> _Inverted:
+        cls.loaded_from.append(where)
+        return cls()
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        gray = 255 - np.asarray(image.convert("L").resize((512, 512)))
+        return Image.fromarray(gray)
+
+
+def test_controlnet_aux_methods_draw_at_the_images_size(
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = type(builtins)("controlnet_aux")
+    fake.HEDdetector = _Inverted  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
+    args = ["condition", str(photos), "--out", str(tmp_path / "hed"), "--method", "hed"]
+    assert main([*args, "--annotators", "/weights", "--workers", "1", "--quiet"]) == 0
+    assert _Inverted.loaded_from == ["/weights"]  # once per process, not per image
+    drawn = Image.open(tmp_path / "hed" / "conditioning" / "coffee.png")
+    assert drawn.mode == "RGB" and drawn.size == Image.open(photos / "coffee.jpg").size
+    monkeypatch.setitem(sys.modules, "controlnet_aux", None)  # as when it is not installed
+    assert main([*args[:3], str(tmp_path / "x"), "--method", "depth"]) == 2
+    assert "pip install controlnet-aux" in capsys.readouterr().err

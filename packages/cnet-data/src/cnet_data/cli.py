@@ -86,16 +86,39 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_condition_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`cnet-data condition` and its arguments (no --config: it writes a dataset, not an index)."""
+    from cnet_data.condition_methods import METHODS
+
     condition = commands.add_parser(
-        "condition", help="make Canny conditioning images for a folder of images"
+        "condition", help="make conditioning images (Canny, HED, depth, ...) for a set of images"
     )
-    condition.add_argument("images", type=Path, help="folder of images (captions: x.txt by x.jpg)")
+    condition.add_argument(
+        "images",
+        type=Path,
+        help="folder of images (captions: x.txt by x.jpg), JSONL manifest, or Hugging Face "
+        "dataset (parquet/arrow)",
+    )
     condition.add_argument(
         "--out", type=Path, required=True, help="dataset folder to write (images/, conditioning/)"
     )
-    condition.add_argument("--method", choices=["canny"], default="canny", help="what to draw")
+    condition.add_argument(
+        "--format", choices=["folder", "jsonl", "prompt_json", "hf"], help="input layout"
+    )
+    condition.add_argument("--image-key", help="JSONL key or column of the image (image)")
+    condition.add_argument("--caption-key", help="JSONL key or column of the caption (text)")
+    condition.add_argument("--split", help="hf: the split to read (default: train)")
+    condition.add_argument(
+        "--method",
+        choices=METHODS,
+        default="canny",
+        help="what to draw: canny (OpenCV), or a controlnet_aux detector (installed apart)",
+    )
     condition.add_argument("--low", type=_at_least(0), default=100, help="Canny low threshold")
     condition.add_argument("--high", type=_at_least(0), default=200, help="Canny high threshold")
+    condition.add_argument(
+        "--annotators",
+        default="lllyasviel/Annotators",
+        help="controlnet_aux methods: the detectors' weights (hub repository or local folder)",
+    )
     condition.add_argument(
         "--workers", type=_at_least(0), default=0, help="processes (default: one per core)"
     )
@@ -308,11 +331,22 @@ def _index_dir(given: Path | None, run: RunDataConfig | None, flag: str) -> Path
 
 
 def _run_condition(args: argparse.Namespace) -> int:
-    from cnet_data.condition import CannyConfig, condition_folder
+    from cnet_data.condition import condition_folder
+    from cnet_data.condition_methods import AuxConfig, CannyConfig, MethodConfig
+    from cnet_data.sources import SourceConfig
 
-    config = CannyConfig(low=args.low, high=args.high)
+    keys = _given(args, ("format", "image_key", "caption_key", "split"))
+    method: MethodConfig = (
+        CannyConfig(low=args.low, high=args.high)
+        if args.method == "canny"
+        else AuxConfig(args.method, args.annotators)
+    )
     report = condition_folder(
-        args.images, args.out, config, workers=args.workers, progress=not args.quiet
+        SourceConfig(args.images, **keys),
+        args.out,
+        method,
+        workers=args.workers,
+        progress=not args.quiet,
     )
     print(
         f"conditioning: {report.written} written, {report.skipped} already there, "

@@ -1,12 +1,11 @@
-"""`cnet-data condition`: make the conditioning images of a folder of images.
+"""`cnet-data condition`: make the conditioning images of a folder, manifest or dataset.
 
-The output is a dataset cnet indexes as it is (the `folder` layout): `OUT/images/REL` (a hard
-link to the input image where the filesystem allows, else a copy), its caption sidecar
-`OUT/images/REL_STEM.txt` when the input has one, and `OUT/conditioning/REL_STEM.png`.
-
-Canny edges are computed as the ControlNet annotator and the diffusers examples compute them:
-`cv2.Canny` on the RGB image with the two hysteresis thresholds, the one-channel edge map
-repeated to three channels. OpenCV comes with the `cnet-data[condition]` extra.
+The output is a dataset cnet indexes as it is (the `folder` layout): `OUT/images/STEM.EXT` (a
+hard link to the input image where the input is a local file and the filesystem allows, else a
+copy of its bytes), its caption sidecar `OUT/images/STEM.txt` (the input's sidecar, or the
+caption a manifest line or dataset row holds), and `OUT/conditioning/STEM.png`. Where the images
+come from is `cnet_data.condition_inputs`; what is drawn (Canny, or a `controlnet_aux`
+detector) is `cnet_data.condition_methods`.
 
 Every output is written to a temporary file and renamed, and a pair whose conditioning image
 is already there is skipped, so an interrupted run is finished by running it again.
@@ -20,42 +19,22 @@ import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import attrs
-import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from cnet_data.atomic import atomic_open
-from cnet_data.errors import CnetError
-from cnet_data.sources import IMAGE_SUFFIXES
+from cnet_data.atomic import atomic_open, atomic_write_text
+from cnet_data.condition_inputs import SourceImage, read_input
+from cnet_data.condition_methods import CannyConfig, ConditionError, MethodConfig, draw
+from cnet_data.local_files import LocalFiles
+from cnet_data.source_protocol import SampleStore
+from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig
 
 _CHUNK = 16
-
-
-class ConditionError(CnetError, ValueError):
-    """The conditioning cannot be made as asked (missing library, bad thresholds, no images)."""
-
-    exit_code = 2
-
-
-@attrs.frozen
-class CannyConfig:
-    """OpenCV Canny's hysteresis thresholds (the ControlNet annotator's defaults)."""
-
-    low: int = 100
-    """Gradients below this are never edges."""
-    high: int = 200
-    """Gradients above this are always edges; between the two, only where joined to one."""
-
-    def check(self) -> None:
-        if not 0 <= self.low <= self.high:
-            raise ConditionError(
-                f"canny thresholds must satisfy 0 <= low <= high, got low {self.low}, "
-                f"high {self.high}",
-                hint="e.g. --low 100 --high 200",
-            )
+DEFAULT_METHOD: MethodConfig = CannyConfig()
+"""Canny with the annotator's thresholds."""
+__all__ = ["CannyConfig", "ConditionError", "ConditionReport", "condition_folder"]
 
 
 @attrs.define
@@ -69,138 +48,135 @@ class ConditionReport:
     """(image, reason) for each image that could not be read."""
 
 
-def canny_map(rgb: np.ndarray[Any, np.dtype[np.uint8]], config: CannyConfig) -> Image.Image:
-    """The three-channel Canny edge map of an RGB uint8 image."""
-    cv2 = _opencv()
-    edges = cv2.Canny(rgb, config.low, config.high)
-    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-
-
-def _opencv() -> Any:
-    try:
-        import cv2
-    except ImportError:
-        raise ConditionError(
-            "Canny conditioning needs OpenCV, which is not installed",
-            hint="pip install 'cnet-data[condition]' (opencv-python-headless)",
-        ) from None
-    return cv2
-
-
-def find_images(folder: Path) -> list[str]:
-    """Every image under `folder`, as sorted POSIX paths relative to it."""
-    found = []
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                found.append(path.relative_to(folder).as_posix())
-    return sorted(found)
-
-
 def condition_folder(
-    source: Path,
+    source: Path | SourceConfig,
     out: Path,
-    config: CannyConfig = CannyConfig(),
+    config: MethodConfig = DEFAULT_METHOD,
     *,
     workers: int = 0,
     progress: bool = True,
 ) -> ConditionReport:
-    """Write the folder-layout dataset of `source`'s images and their Canny maps to `out`."""
+    """Write the folder-layout dataset of `source`'s images (a folder of images, a manifest
+    or a dataset) and their conditioning images to `out`."""
     config.check()
-    _opencv()  # refuse before any work when OpenCV is missing
-    source, out = Path(source).absolute(), Path(out).absolute()
-    images = find_images(source)
-    if not images:
-        raise ConditionError(f"no images under {source}", hint="give a folder of images")
-    if out == source or source in out.parents:
-        raise ConditionError(f"--out {out} is inside the source folder {source}; pick another")
-    report = ConditionReport()
-    images, report.failed = _unique_stems(images)
-    todo = [rel for rel in images if not _conditioning_path(out, rel).is_file()]
+    source = source if isinstance(source, SourceConfig) else SourceConfig(Path(source))
+    given = read_input(source)
+    root, out = given.store.root, Path(out).absolute()
+    if not given.images:
+        raise ConditionError(f"no images under {source.path}", hint="give a folder of images")
+    if given.walked and (out == root or root in out.parents):
+        raise ConditionError(f"--out {out} is inside the source folder {root}; pick another")
+    report = ConditionReport(failed=list(given.problems))
+    images, clashes = _unique_stems(given.images)
+    report.failed += clashes
+    todo = [image for image in images if not _conditioning_path(out, image.stem).is_file()]
     report.skipped = len(images) - len(todo)
     bar = tqdm(total=len(todo), desc="conditioning", unit="image", disable=not progress)
-    for rel, problem in _run_all(source, out, todo, config, workers):
+    for where, problem in _run_all(given.store, out, todo, config, workers):
         bar.update()
         if problem is None:
             report.written += 1
         else:
-            report.failed.append((rel, problem))
+            report.failed.append((where, problem))
     bar.close()
     return report
 
 
-def _unique_stems(images: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def _unique_stems(
+    images: list[SourceImage],
+) -> tuple[list[SourceImage], list[tuple[str, str]]]:
     """The images whose name without suffix is theirs alone (`a.jpg` and `a.png` would share
     `conditioning/a.png`), and a reason for each of the others."""
-    by_stem: dict[str, list[str]] = {}
-    for rel in images:
-        by_stem.setdefault(Path(rel).with_suffix("").as_posix(), []).append(rel)
-    unique = [names[0] for names in by_stem.values() if len(names) == 1]
+    by_stem: dict[str, list[SourceImage]] = {}
+    for image in images:
+        by_stem.setdefault(image.stem, []).append(image)
+    unique = [found[0] for found in by_stem.values() if len(found) == 1]
     clashing = [
-        (rel, f"shares its name with {', '.join(n for n in names if n != rel)}; rename one")
-        for names in by_stem.values()
-        if len(names) > 1
-        for rel in names
+        (
+            image.reference,
+            f"shares its name with {', '.join(o.reference for o in found if o != image)}; "
+            "rename one",
+        )
+        for found in by_stem.values()
+        if len(found) > 1
+        for image in found
     ]
-    return sorted(unique), clashing
+    return sorted(unique, key=lambda image: image.stem), clashing
 
 
 def _run_all(
-    source: Path, out: Path, todo: list[str], config: CannyConfig, workers: int
+    store: SampleStore, out: Path, todo: list[SourceImage], config: MethodConfig, workers: int
 ) -> Iterator[tuple[str, str | None]]:
     chunks = [todo[i : i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(chunks) <= 1:
         for chunk in chunks:
-            yield from _condition_chunk(source, out, chunk, config)
+            yield from _condition_chunk(store, out, chunk, config)
         return
     context = multiprocessing.get_context("forkserver")  # as the scan: no fork of threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(_condition_chunk, source, out, c, config) for c in chunks]
+        futures = [pool.submit(_condition_chunk, store, out, c, config) for c in chunks]
         for future in futures:
             yield from future.result()
 
 
 def _condition_chunk(
-    source: Path, out: Path, chunk: Iterable[str], config: CannyConfig
+    store: SampleStore, out: Path, chunk: Iterable[SourceImage], config: MethodConfig
 ) -> list[tuple[str, str | None]]:
-    return [(rel, _condition_one(source, out, rel, config)) for rel in chunk]
+    return [(image.reference, _condition_one(store, out, image, config)) for image in chunk]
 
 
-def _condition_one(source: Path, out: Path, rel: str, config: CannyConfig) -> str | None:
+def _condition_one(
+    store: SampleStore, out: Path, image: SourceImage, config: MethodConfig
+) -> str | None:
     """Write one pair; the reason it could not, if it could not."""
     try:
-        with Image.open(source / rel) as img:
+        with store.open(image.reference) as fh, Image.open(fh) as img:
+            kind = (img.format or "PNG").lower()
             # The loader turns an image by its EXIF orientation: the map must match that.
-            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-        edges = canny_map(rgb, config)
-    except Exception as exc:  # one bad image (unreadable, a bomb, OpenCV's refusal) is reported
+            drawn = draw(ImageOps.exif_transpose(img).convert("RGB"), config)
+    except Exception as exc:  # one bad image (unreadable, a bomb, a detector's refusal)
         return f"not a readable image: {exc}"
-    _place_image(source / rel, out / "images" / rel)
-    caption = (source / rel).with_suffix(".txt")
-    if caption.is_file():
-        _place_image(caption, (out / "images" / rel).with_suffix(".txt"))
-    target = _conditioning_path(out, rel)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(target) as fh:  # written last: its presence marks the pair complete
-        edges.save(fh, format="PNG")
+    target = out / "images" / f"{image.stem}{_suffix(image.reference, kind)}"
+    _place_image(store, image.reference, target)
+    sidecar = out / "images" / f"{image.stem}.txt"
+    if image.caption_file is not None:
+        _place_image(store, image.caption_file, sidecar)
+    elif image.caption is not None:
+        atomic_write_text(sidecar, image.caption + "\n")
+    conditioning = _conditioning_path(out, image.stem)
+    conditioning.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(conditioning) as written:  # last: its presence marks the pair complete
+        drawn.save(written, format="PNG")
     return None
 
 
-def _conditioning_path(out: Path, rel: str) -> Path:
-    return (out / "conditioning" / rel).with_suffix(".png")
+def _suffix(reference: str, kind: str) -> str:
+    """The output image's suffix: the input file's, or (a dataset cell) its format's."""
+    suffix = Path(reference).suffix
+    if suffix.lower() in IMAGE_SUFFIXES:
+        return suffix
+    return ".jpg" if kind in ("jpeg", "mpo") else f".{kind}"
 
 
-def _place_image(source: Path, target: Path) -> None:
-    """`target` becomes `source`'s content: a hard link where possible, else a copy."""
+def _conditioning_path(out: Path, stem: str) -> Path:
+    return out / "conditioning" / f"{stem}.png"
+
+
+def _place_image(store: SampleStore, reference: str, target: Path) -> None:
+    """`target` gets the member's content: a hard link to a local file where possible, else
+    a copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and os.path.samefile(source, target):
+    source = store.path(reference) if isinstance(store, LocalFiles) else None
+    if source is not None and target.exists() and os.path.samefile(source, target):
         return  # linked by an earlier run (renaming a link over its twin would do nothing)
     staged = target.with_name(f".{target.name}.partial")
     staged.unlink(missing_ok=True)
     try:
+        if source is None:
+            raise OSError("not a local file")
         os.link(source, staged)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copyfile(source, staged)
+    except OSError:  # another filesystem, links not allowed, or not a file at all
+        with store.open(reference) as fh, open(staged, "wb") as copy:
+            shutil.copyfileobj(fh, copy)
     os.replace(staged, target)
