@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,29 @@ def test_cnet_data_index_reads_a_dataset_and_the_index_moves_with_it(
     moved = DatasetIndex(out, root=tmp_path / "moved")
     with moved.store.open(moved[5].image) as fh:
         assert Image.open(fh).size == (int(moved.widths[5]), int(moved.heights[5]))
+
+
+def test_a_hub_id_is_downloaded_to_path_then_read(
+    tmp_path: Path, loose: DatasetIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = pytest.importorskip("huggingface_hub")
+    published = tmp_path / "published"
+    (published / "data").mkdir(parents=True)
+    _dataset(_rows(tmp_path / "loose")).to_parquet(  # type: ignore[attr-defined]
+        str(published / "data" / "train-00000-of-00001.parquet")
+    )
+    asked: list[tuple[str, str]] = []
+
+    def download(repo_id: str, *, repo_type: str, local_dir: Path, **_: object) -> str:
+        asked.append((repo_id, repo_type))
+        shutil.copytree(published, local_dir, dirs_exist_ok=True)
+        return str(local_dir)
+
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    config = SourceConfig(tmp_path / "kept", url="hf://datasets/someone/fill50k")
+    assert config.resolved_format == "hf"
+    _same_samples(loose, _index(config, tmp_path / "i-hub"))
+    assert asked == [("someone/fill50k", "dataset")]
+    bad = SourceConfig(tmp_path / "kept", url="s3://bucket/rows", format="hf")
+    with pytest.raises(SourceError, match="is not a hub dataset"):
+        scan(bad, ScanConfig(workers=1), progress=False)
