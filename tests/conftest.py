@@ -4,6 +4,7 @@ run in an environment where only cnet-data (and torch) is installed."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import socket
 import subprocess
@@ -90,6 +91,21 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
         return written[family]
 
     return folder
+
+
+@pytest.fixture(scope="session")
+def single_file_of() -> Callable[[Path, Path], Path]:
+    """`single_file_of(folder, path)` -> the SD 1.x diffusers model `folder` written at `path`
+    as one original-layout checkpoint (`tests/ldm_checkpoint.py`), as A1111 and ComfyUI keep
+    them."""
+    spec = importlib.util.spec_from_file_location(
+        "ldm_checkpoint", Path(__file__).with_name("ldm_checkpoint.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    write: Callable[[Path, Path], Path] = module.write_ldm_checkpoint
+    return write
 
 
 @pytest.fixture(scope="session")

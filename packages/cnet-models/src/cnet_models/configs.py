@@ -44,6 +44,20 @@ def looks_local(source: str, base: Path | None = None) -> bool:
         return False
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+REFERENCE_MODELS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+"""The model whose configs describe a family's single-file checkpoints by default."""
+
+
+def is_single_file(source: str) -> bool:
+    """Whether `source` names one checkpoint file (by its suffix; it may not exist yet)."""
+    return source.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
 def is_hub_id(source: str) -> bool:
     """Whether `source` has the form of a hub repository id (`name` or `org/name`)."""
     return bool(_HUB_ID.fullmatch(source)) and "--" not in source and ".." not in source
@@ -75,7 +89,8 @@ class BaseModelConfig:
 
     source: str = attrs.field(validator=_non_empty)
     """A local diffusers folder or a hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`);
-    see `looks_local` for which is which."""
+    see `looks_local` for which is which. Or a single-file checkpoint (`model.safetensors` in
+    the original layout, as A1111, Forge and ComfyUI keep them), described by `config`."""
     family: FamilyName | None = None
     """`sd15`, `sd21` or `sdxl`; detected from the UNet config when not given."""
     vae: str | None = attrs.field(default=None, validator=_non_empty)
@@ -88,6 +103,28 @@ class BaseModelConfig:
     """Weight variant of `source`, e.g. `fp16`."""
     local_files_only: bool = False
     """Never reach the hub; a hub id must already be in the local cache."""
+    config: str | None = attrs.field(default=None, validator=_non_empty)
+    """A single-file `source` only: the diffusers folder or hub id whose component configs,
+    tokenizers and scheduler describe it (None: the family's reference model on the hub,
+    e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`; offline, it must be in the cache)."""
+
+    @property
+    def single_file(self) -> bool:
+        """Whether `source` is one checkpoint file rather than a folder or a hub id."""
+        return is_single_file(self.source)
+
+    @property
+    def described_by(self) -> str:
+        """Where the configs of the parts are: `source`, or for a single file its `config`
+        (or the family's reference model)."""
+        if not self.single_file or self.config is not None:
+            return self.config or self.source
+        family = self.family
+        if family is None and Path(self.source).expanduser().is_file():
+            from cnet_models.single_file import checkpoint_family
+
+            family = checkpoint_family(Path(self.source).expanduser())
+        return REFERENCE_MODELS.get(family or "", self.source)
 
 
 @attrs.frozen

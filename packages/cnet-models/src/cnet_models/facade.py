@@ -122,6 +122,29 @@ def load_component(
     return checked(loaded, kind, f"{kind.__name__} loaded from {where}")
 
 
+def pipeline_from_single_file(
+    family: str, path: Path, config: str, *, dtype: torch.dtype, local_files_only: bool
+) -> Any:
+    """The family's pipeline with the parts of a single-file checkpoint, converted by
+    diffusers' own `from_single_file` with the configs and tokenizers of `config`; `Any`
+    like the pipelines' untyped attributes (the caller checks each part)."""
+    sdxl = family == "sdxl"
+    cls: Any = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    no_checker = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        return cls.from_single_file(
+            str(path),
+            config=config,
+            torch_dtype=dtype,
+            local_files_only=local_files_only,
+            **no_checker,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(
+            f"cannot load the single-file checkpoint {path} described by {config}: {exc}"
+        ) from exc
+
+
 def load_unet(source: str | Path, subfolder: str | None, **kwargs: Any) -> UNet2DConditionModel:
     unet: UNet2DConditionModel = load_component(UNet2DConditionModel, source, subfolder, **kwargs)
     return unet

@@ -24,6 +24,7 @@ from cnet_models.facade import (
     ModelFolderError,
     TextEncoder,
     UNet2DConditionModel,
+    checked,
     diffusers_dtype,
     load_scheduler,
     load_text_encoder,
@@ -31,8 +32,10 @@ from cnet_models.facade import (
     load_unet,
     load_vae,
     load_vae_config,
+    pipeline_from_single_file,
 )
 from cnet_models.families import ModelFamily, detect_family, family_by_name
+from cnet_models.single_file import checked_single_file, checkpoint_family
 from cnet_models.text import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class BaseModel:
 
 def load_base_model(config: BaseModelConfig) -> BaseModel:
     """Load and freeze the parts of `config.source`; errors name the folder and the part."""
+    if config.single_file:
+        return _load_single_file(config)
     _check_local_folder(config.source)
     common: dict[str, Any] = {
         "revision": config.revision,
@@ -100,6 +105,34 @@ def load_base_model(config: BaseModelConfig) -> BaseModel:
     )
     tokenizers = tuple(load_tokenizer(config.source, sub, **common) for sub in family.tokenizers)
     scheduler = load_scheduler(config.source, "scheduler", **common)
+    model = BaseModel(family, config.source, unet, vae, encoders, tokenizers, scheduler)
+    for part in (unet, vae, *encoders):
+        _freeze(part)
+    return model
+
+
+def _load_single_file(config: BaseModelConfig) -> BaseModel:
+    """The parts of a single-file checkpoint, converted by diffusers (`single_file`)."""
+    path = checked_single_file(config.source)
+    family_name = config.family or checkpoint_family(path)
+    family = family_by_name(family_name)
+    described = attrs.evolve(config, family=family_name).described_by
+    common: dict[str, Any] = {"local_files_only": config.local_files_only}
+    dtype = DTYPES[config.frozen_dtype]
+    pipe = pipeline_from_single_file(
+        family.name, path, described, dtype=dtype, local_files_only=config.local_files_only
+    )
+    unet = checked(pipe.unet, UNet2DConditionModel, f"the UNet of {path}")
+    as_folder = attrs.evolve(config, source=described, revision=None, variant=None)
+    vae_dtype = _vae_dtype(as_folder, dtype, common)
+    vae = (
+        checked(pipe.vae, AutoencoderKL, f"the VAE of {path}").to(vae_dtype)
+        if config.vae is None
+        else _load_vae(config, {**common, "use_safetensors": True}, common, vae_dtype)
+    )
+    encoders = tuple(getattr(pipe, sub) for sub in family.text_encoders)
+    tokenizers = tuple(getattr(pipe, sub) for sub in family.tokenizers)
+    scheduler = load_scheduler(described, "scheduler", **common)
     model = BaseModel(family, config.source, unet, vae, encoders, tokenizers, scheduler)
     for part in (unet, vae, *encoders):
         _freeze(part)

@@ -62,7 +62,9 @@ def unconditional_is_zeros(
         return unconditional_zeros(choice, family, None)
     return family.pipeline_zeros(
         lambda: read_model_index(
-            model.source, revision=model.revision, local_files_only=model.local_files_only
+            model.described_by,
+            revision=None if model.single_file else model.revision,
+            local_files_only=model.local_files_only,
         )
     )
 

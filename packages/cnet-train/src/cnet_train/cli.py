@@ -171,7 +171,7 @@ def _show(args: argparse.Namespace) -> int:
     if not args.schema_only:  # the family may come from the model folder, on this machine
         from cnet_data.run_config import run_buckets
 
-        buckets = run_buckets(config.data.buckets, config.model.source, config.model.family)
+        buckets = run_buckets(config.data.buckets, config.model.described_by, config.model.family)
         print(f"# {buckets.line()}")  # a YAML comment: the output still loads as the config
     return 0
 

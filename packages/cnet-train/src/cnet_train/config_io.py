@@ -53,7 +53,7 @@ CONFIG_HINT = (
 
 PATH_KEYS = ("run_dir", "data.source.path", "data.index", "cache.path", "validation.images")
 """Path fields: made absolute against the config file's folder (or the current directory)."""
-SOURCE_KEYS = ("model.source", "model.vae", "controlnet.pretrained")
+SOURCE_KEYS = ("model.source", "model.config", "model.vae", "controlnet.pretrained")
 """Folder-or-hub-id fields: made absolute only when they name a folder."""
 RESUME_KEY = "checkpoint.resume"
 """`auto`, `none`, or a path (made absolute)."""

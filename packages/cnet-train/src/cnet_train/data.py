@@ -46,7 +46,7 @@ def run_buckets(config: TrainConfig) -> ResolvedBuckets:
     relative to the current directory, as for loading it), else `BucketConfig`'s (SDXL's), and
     where the area came from. Raises `RunConfigError` (a `CnetError`) when the keys set do not
     make a table with those defaults; the preflight reports that before the launch."""
-    return _run_buckets(config.data.buckets, config.model.source, config.model.family)
+    return _run_buckets(config.data.buckets, config.model.described_by, config.model.family)
 
 
 def ensure_index(config: TrainConfig) -> Path:

@@ -140,17 +140,33 @@ def _model_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
     """Local folders must exist (and look like what they are meant to be); anything else must
     have the form of a hub id."""
     model = config.model
-    sources = [
-        ("model.source", model.source, _is_diffusers_folder),
+    if model.single_file:
+        problems = _single_file_problems(model.source, base_dir)
+        sources = [("model.config", model.config, _is_diffusers_folder)]
+    else:
+        problems, sources = [], [("model.source", model.source, _is_diffusers_folder)]
+    sources += [
         ("model.vae", model.vae, _has_config),
         ("controlnet.pretrained", config.controlnet.pretrained, _has_config),
     ]
-    return [
+    return problems + [
         problem
         for key, source, complete in sources
         if source is not None
         for problem in _source_problems(key, source, complete, base_dir)
     ]
+
+
+def _single_file_problems(source: str, base_dir: Path | None) -> list[str]:
+    path = Path(source).expanduser()
+    if path.suffix.lower() != ".safetensors":
+        return [
+            f"model.source: {source} is a {path.suffix} checkpoint; cnet reads single files as "
+            ".safetensors only (a pickled checkpoint can run code when loaded)"
+        ]
+    if not path.is_file():
+        return [_missing("model.source", path, base_dir) + " (a single-file checkpoint)"]
+    return []
 
 
 def _bucket_problems(config: TrainConfig) -> list[str]:
@@ -159,7 +175,7 @@ def _bucket_problems(config: TrainConfig) -> list[str]:
     from cnet_data.run_config import RunConfigError, run_buckets
 
     try:
-        run_buckets(config.data.buckets, config.model.source, config.model.family)
+        run_buckets(config.data.buckets, config.model.described_by, config.model.family)
     except RunConfigError as exc:
         return [f"data.buckets: {exc}"]
     return []
