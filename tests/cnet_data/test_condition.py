@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 from PIL import Image
+from typing_extensions import override
 
 from cnet_data.cli import main
 from cnet_data.condition import CannyConfig, ConditionError, condition_folder
@@ -141,10 +142,17 @@ def test_a_manifest_and_a_dataset_are_conditioned_with_their_captions(
         '{"image": "cats/chelsea.jpg", "text": "a cat"}',
         '{"image": "../outside.jpg", "text": "x"}',
         '{"image": "coffee.jpg", "text": 7}',
+        '{"image": "astronaut.jpg", "text": "an astronaut"}',
     ]
     (photos / "list.jsonl").write_text("\n".join(lines) + "\n")
     report = condition_folder(photos / "list.jsonl", tmp_path / "m", workers=1, progress=False)
-    assert report.written == 2 and [w for w, _ in report.failed] == ["list.jsonl:3", "list.jsonl:4"]
+    failed = dict(report.failed)
+    assert report.written == 2 and sorted(failed) == [
+        "astronaut.jpg",
+        "list.jsonl:3",
+        "list.jsonl:4",
+    ]
+    assert failed["astronaut.jpg"] == "listed again; the first listing is used"
     assert (tmp_path / "m" / "images" / "cats" / "chelsea.txt").read_text() == "a cat\n"
     assert os.path.samefile(tmp_path / "m" / "images" / "astronaut.jpg", photos / "astronaut.jpg")
 
@@ -194,3 +202,26 @@ def test_controlnet_aux_methods_draw_at_the_images_size(
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)  # as when it is not installed
     assert main([*args[:3], str(tmp_path / "x"), "--method", "depth"]) == 2
     assert "pip install controlnet-aux" in capsys.readouterr().err
+
+
+class _Offline(_Inverted):
+    @classmethod
+    @override
+    def from_pretrained(cls, where: str) -> _Inverted:
+        raise OSError(f"cannot reach the hub for {where}")
+
+
+def test_a_detector_that_cannot_load_is_one_error_before_any_image(
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = type(builtins)("controlnet_aux")
+    fake.MidasDetector = _Offline  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
+    out = tmp_path / "depth"
+    assert main(["condition", str(photos), "--out", str(out), "--method", "depth"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load controlnet_aux's _Offline from lllyasviel/Annotators" in err
+    assert not out.exists()

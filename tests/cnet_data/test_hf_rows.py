@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,17 +28,24 @@ TABLE = BucketTable([Bucket(64, 64), Bucket(96, 64), Bucket(64, 96)])
 COUNT = 12
 
 
-def _rows(root: Path) -> dict[str, list[object]]:
-    """The loose fill dataset under `root` as the fill50k columns."""
+def _rows(root: Path, *, embedded: bool = True) -> dict[str, list[object]]:
+    """The loose fill dataset under `root` as the fill50k columns: the images' bytes embedded,
+    as on the hub (or, not `embedded`, only their absolute paths, as `to_parquet` keeps a
+    dataset built from local files)."""
     lines = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+
+    def image(rel: str) -> object:
+        path = root / rel
+        return {"bytes": path.read_bytes(), "path": path.name} if embedded else str(path)
+
     return {
-        "image": [str(root / x["image"]) for x in lines],
-        "conditioning_image": [str(root / x["conditioning_image"]) for x in lines],
+        "image": [image(x["image"]) for x in lines],
+        "conditioning_image": [image(x["conditioning_image"]) for x in lines],
         "text": [x["text"] for x in lines],
     }
 
 
-def _dataset(columns: dict[str, list[object]]) -> object:
+def _dataset(columns: dict[str, list[object]]) -> Any:
     features = datasets.Features(
         {
             "image": datasets.Image(),
@@ -81,8 +89,8 @@ def test_parquet_in_the_fill50k_layout_reads_like_the_loose_files(
 ) -> None:
     (tmp_path / "hub" / "data").mkdir(parents=True)
     parquet = tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"
-    _dataset(_rows(tmp_path / "loose")).to_parquet(str(parquet))  # type: ignore[attr-defined]
-    _dataset(_rows(tmp_path / "loose")).select(range(2)).to_parquet(  # type: ignore[attr-defined]
+    _dataset(_rows(tmp_path / "loose")).to_parquet(str(parquet))
+    _dataset(_rows(tmp_path / "loose")).select(range(2)).to_parquet(
         str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet")
     )
     config = SourceConfig(tmp_path / "hub")
@@ -96,10 +104,14 @@ def test_parquet_in_the_fill50k_layout_reads_like_the_loose_files(
 def test_a_saved_dataset_is_memory_mapped_and_reads_like_the_loose_files(
     tmp_path: Path, loose: DatasetIndex
 ) -> None:
-    _dataset(_rows(tmp_path / "loose")).save_to_disk(str(tmp_path / "saved"))  # type: ignore[attr-defined]
+    _dataset(_rows(tmp_path / "loose")).save_to_disk(str(tmp_path / "saved"))
     config = SourceConfig(tmp_path / "saved")
     assert config.resolved_format == "hf"
     _same_samples(loose, _index(config, tmp_path / "i-saved"))
+    # A dataset built from local files keeps their paths, unless it is pushed to the hub.
+    by_path = _dataset(_rows(tmp_path / "loose", embedded=False))
+    by_path.to_parquet(str(tmp_path / "paths.parquet"))
+    _same_samples(loose, _index(SourceConfig(tmp_path / "paths.parquet"), tmp_path / "i-p"))
 
 
 def _png(size: tuple[int, int]) -> bytes:
@@ -115,7 +127,7 @@ def test_bad_rows_are_reported_with_exact_counts(tmp_path: Path, loose: DatasetI
     image[2] = {"bytes": _png((40, 64)), "path": None}  # its conditioning image is 64x64
     image[3] = None
     columns["text"][4] = None
-    _dataset(columns).to_parquet(str(tmp_path / "bad.parquet"))  # type: ignore[attr-defined]
+    _dataset(columns).to_parquet(str(tmp_path / "bad.parquet"))
     _, report = scan(
         SourceConfig(tmp_path / "bad.parquet"), ScanConfig(workers=1, on_bad="skip"), progress=False
     )
@@ -150,7 +162,7 @@ def test_cnet_data_index_reads_a_dataset_and_the_index_moves_with_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_fill_dataset(tmp_path / "loose", 6)
-    _dataset(_rows(tmp_path / "loose")).save_to_disk(str(tmp_path / "saved"))  # type: ignore[attr-defined]
+    _dataset(_rows(tmp_path / "loose")).save_to_disk(str(tmp_path / "saved"))
     out = tmp_path / "index"
     assert main(["index", str(tmp_path / "saved"), "--out", str(out), "--workers", "2"]) == 0
     assert "6 accepted" in capsys.readouterr().out
@@ -166,7 +178,7 @@ def test_a_hub_id_is_downloaded_to_path_then_read(
     hub = pytest.importorskip("huggingface_hub")
     published = tmp_path / "published"
     (published / "data").mkdir(parents=True)
-    _dataset(_rows(tmp_path / "loose")).to_parquet(  # type: ignore[attr-defined]
+    _dataset(_rows(tmp_path / "loose")).to_parquet(
         str(published / "data" / "train-00000-of-00001.parquet")
     )
     asked: list[tuple[str, str]] = []
@@ -184,3 +196,32 @@ def test_a_hub_id_is_downloaded_to_path_then_read(
     bad = SourceConfig(tmp_path / "kept", url="s3://bucket/rows", format="hf")
     with pytest.raises(SourceError, match="is not a hub dataset"):
         scan(bad, ScanConfig(workers=1), progress=False)
+
+
+def test_splits_are_picked_and_a_missing_one_names_those_there_are(tmp_path: Path) -> None:
+    write_fill_dataset(tmp_path / "loose", 6)
+    whole = _dataset(_rows(tmp_path / "loose"))
+    splits = datasets.DatasetDict(
+        {"train": whole.select(range(4)), "validation": whole.select(range(4, 6))}
+    )
+    splits.save_to_disk(str(tmp_path / "saved"))
+    # datasets writes its own caches next to the data when a loaded dataset is mapped
+    cache = tmp_path / "saved" / "train" / "cache-0123abcd.arrow"
+    cache.write_bytes((tmp_path / "saved" / "train" / "data-00000-of-00001.arrow").read_bytes())
+    counts = {}
+    for split in ("train", "validation"):
+        config = SourceConfig(tmp_path / "saved", split=split)
+        _, report = scan(config, ScanConfig(workers=1), progress=False)
+        counts[split] = report.accepted
+    assert counts == {"train": 4, "validation": 2}
+    with pytest.raises(SourceError, match="has no split 'test'") as missing:
+        scan(SourceConfig(tmp_path / "saved", split="test"), ScanConfig(workers=1), progress=False)
+    assert "train, validation" in missing.value.hint
+
+
+def test_a_file_pyarrow_cannot_read_is_named(tmp_path: Path) -> None:
+    pointer = tmp_path / "train-00000-of-00001.parquet"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(SourceError, match=f"dataset file {pointer} cannot be read") as bad:
+        scan(SourceConfig(pointer), ScanConfig(workers=1), progress=False)
+    assert "git lfs pull" in bad.value.hint

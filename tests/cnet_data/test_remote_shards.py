@@ -118,3 +118,15 @@ def test_a_url_without_shards_names_it(tmp_path: Path, bucket: str) -> None:
     fsspec.filesystem("memory").pipe(bucket.removeprefix("memory://") + "/notes.txt", b"x")
     with pytest.raises(SourceError, match=r"holds no \.tar shard"):
         scan(SourceConfig(tmp_path / "kept", url=bucket), ScanConfig(workers=1), progress=False)
+
+
+def test_one_shard_as_the_url_and_what_is_not_a_shard(tmp_path: Path, bucket: str) -> None:
+    (shard,) = write_fill_shards(tmp_path / "local", 3)
+    _upload([shard], bucket)
+    one = f"{bucket}/{shard.name}"
+    index = _index(SourceConfig(tmp_path / "kept", url=one), tmp_path / "i")
+    assert len(index) == 3
+    assert index.store.describe(index[0].image) == f"{one} member 000000.png"
+    fsspec.filesystem("memory").pipe(bucket.removeprefix("memory://") + "/notes.txt", b"x")
+    with pytest.raises(SourceError, match=r"holds no \.tar shard"):
+        scan(SourceConfig(tmp_path / "k2", url=f"{bucket}/notes.txt"), ScanConfig(workers=1))

@@ -4,6 +4,7 @@ YAML file in a fresh process, as a user would; the index reads the rows where th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,7 +29,10 @@ def _write_parquet(folder: Path, count: int) -> Path:
     loose = folder.parent / "loose"
     write_fill_dataset(loose, count, sizes=DEMO_SIZES, seed=2)
     lines = [json.loads(x) for x in (loose / "manifest.jsonl").read_text().splitlines()]
-    columns = {key: [str(loose / x[key]) for x in lines] for key in ("image", "conditioning_image")}
+    columns = {  # the images' bytes embedded, as the hub serves a dataset
+        key: [{"bytes": (loose / x[key]).read_bytes(), "path": None} for x in lines]
+        for key in ("image", "conditioning_image")
+    }
     features = datasets.Features(
         {
             "image": datasets.Image(),
@@ -38,6 +42,7 @@ def _write_parquet(folder: Path, count: int) -> Path:
     )
     rows = datasets.Dataset.from_dict({**columns, "text": [x["text"] for x in lines]}, features)
     (folder / "data").mkdir(parents=True)
+    shutil.rmtree(loose)  # the rows hold the images themselves
     rows.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     return folder
 

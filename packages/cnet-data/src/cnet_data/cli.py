@@ -120,7 +120,10 @@ def _add_condition_command(commands: argparse._SubParsersAction[argparse.Argumen
         help="controlnet_aux methods: the detectors' weights (hub repository or local folder)",
     )
     condition.add_argument(
-        "--workers", type=_at_least(0), default=0, help="processes (default: one per core)"
+        "--workers",
+        type=_at_least(0),
+        default=0,
+        help="processes (default: one per core; 1 for a controlnet_aux method)",
     )
     condition.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_debug_arg(condition)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cnet_data.atomic import atomic_open, atomic_write_text
 from cnet_data.condition_inputs import SourceImage, read_input
-from cnet_data.condition_methods import CannyConfig, ConditionError, MethodConfig, draw
+from cnet_data.condition_methods import AuxConfig, CannyConfig, ConditionError, MethodConfig, draw
 from cnet_data.local_files import LocalFiles
 from cnet_data.source_protocol import SampleStore
 from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig
@@ -63,7 +63,9 @@ def condition_folder(
     given = read_input(source)
     root, out = given.store.root, Path(out).absolute()
     if not given.images:
-        raise ConditionError(f"no images under {source.path}", hint="give a folder of images")
+        first = f"; first: {given.problems[0][0]}: {given.problems[0][1]}" if given.problems else ""
+        hint = "give a folder of images, a manifest or a dataset"
+        raise ConditionError(f"no images under {source.path}{first}", hint=hint)
     if given.walked and (out == root or root in out.parents):
         raise ConditionError(f"--out {out} is inside the source folder {root}; pick another")
     report = ConditionReport(failed=list(given.problems))
@@ -88,8 +90,13 @@ def _unique_stems(
     """The images whose name without suffix is theirs alone (`a.jpg` and `a.png` would share
     `conditioning/a.png`), and a reason for each of the others."""
     by_stem: dict[str, list[SourceImage]] = {}
+    repeated: list[tuple[str, str]] = []
     for image in images:
-        by_stem.setdefault(image.stem, []).append(image)
+        same = by_stem.setdefault(image.stem, [])
+        if any(other.reference == image.reference for other in same):
+            repeated.append((image.reference, "listed again; the first listing is used"))
+            continue
+        same.append(image)
     unique = [found[0] for found in by_stem.values() if len(found) == 1]
     clashing = [
         (
@@ -101,14 +108,15 @@ def _unique_stems(
         if len(found) > 1
         for image in found
     ]
-    return sorted(unique, key=lambda image: image.stem), clashing
+    return sorted(unique, key=lambda image: image.stem), repeated + clashing
 
 
 def _run_all(
     store: SampleStore, out: Path, todo: list[SourceImage], config: MethodConfig, workers: int
 ) -> Iterator[tuple[str, str | None]]:
     chunks = [todo[i : i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
-    workers = workers or os.cpu_count() or 1
+    # A detector runs torch on every core itself: one process each is oversubscription.
+    workers = workers or (1 if isinstance(config, AuxConfig) else os.cpu_count() or 1)
     if workers == 1 or len(chunks) <= 1:
         for chunk in chunks:
             yield from _condition_chunk(store, out, chunk, config)
@@ -134,11 +142,20 @@ def _condition_one(
         with store.open(image.reference) as fh, Image.open(fh) as img:
             kind = (img.format or "PNG").lower()
             # The loader turns an image by its EXIF orientation: the map must match that.
-            drawn = draw(ImageOps.exif_transpose(img).convert("RGB"), config)
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            drawn = draw(rgb, config)
+    except ConditionError:
+        raise  # the method itself cannot run: not one image's fault
     except Exception as exc:  # one bad image (unreadable, a bomb, a detector's refusal)
         return f"not a readable image: {exc}"
-    target = out / "images" / f"{image.stem}{_suffix(image.reference, kind)}"
-    _place_image(store, image.reference, target)
+    suffix = _suffix(image.reference, kind)
+    target = out / "images" / f"{image.stem}{suffix or '.png'}"
+    if suffix is None:  # a format the sources do not list (PPM, ICO, ...): stored as PNG
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target) as written:
+            rgb.save(written, format="PNG")
+    else:
+        _place_image(store, image.reference, target)
     sidecar = out / "images" / f"{image.stem}.txt"
     if image.caption_file is not None:
         _place_image(store, image.caption_file, sidecar)
@@ -151,12 +168,14 @@ def _condition_one(
     return None
 
 
-def _suffix(reference: str, kind: str) -> str:
-    """The output image's suffix: the input file's, or (a dataset cell) its format's."""
+def _suffix(reference: str, kind: str) -> str | None:
+    """The output image's suffix: the input file's, or (a dataset cell) its format's; None
+    when that is not one the sources read."""
     suffix = Path(reference).suffix
     if suffix.lower() in IMAGE_SUFFIXES:
         return suffix
-    return ".jpg" if kind in ("jpeg", "mpo") else f".{kind}"
+    suffix = ".jpg" if kind in ("jpeg", "mpo") else f".{kind}"
+    return suffix if suffix in IMAGE_SUFFIXES else None
 
 
 def _conditioning_path(out: Path, stem: str) -> Path:

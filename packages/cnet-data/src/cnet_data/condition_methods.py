@@ -13,13 +13,15 @@ resized to its image's size: a pair must match pixel for pixel, and the detector
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import numpy as np
-from PIL import Image
 
 from cnet_data.errors import CnetError
+
+if TYPE_CHECKING:  # numpy and Pillow load when drawing, not when `cnet-data --help` lists methods
+    import numpy as np
+    from PIL import Image
 
 AUX_METHODS = {
     "hed": "HEDdetector",
@@ -79,7 +81,7 @@ class AuxConfig:
                 f"unknown conditioning method {self.method!r}",
                 hint=f"use one of {', '.join(METHODS)}",
             )
-        _controlnet_aux(self.method)
+        _detector(self)  # loaded once here: a missing weight is one error, not one per image
 
 
 MethodConfig = CannyConfig | AuxConfig
@@ -87,6 +89,9 @@ MethodConfig = CannyConfig | AuxConfig
 
 def draw(image: Image.Image, config: MethodConfig) -> Image.Image:
     """The conditioning image of an RGB image, the same size."""
+    import numpy as np
+    from PIL import Image
+
     if isinstance(config, CannyConfig):
         return canny_map(np.asarray(image), config)
     drawn = _detector(config)(image)
@@ -99,6 +104,9 @@ def draw(image: Image.Image, config: MethodConfig) -> Image.Image:
 
 def canny_map(rgb: np.ndarray[Any, np.dtype[np.uint8]], config: CannyConfig) -> Image.Image:
     """The three-channel Canny edge map of an RGB uint8 image."""
+    import numpy as np
+    from PIL import Image
+
     cv2 = _opencv()
     edges = cv2.Canny(rgb, config.low, config.high)
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
@@ -134,6 +142,14 @@ def _detector(config: AuxConfig) -> Any:
     found = _DETECTORS.get(config)
     if found is None:
         cls = _controlnet_aux(config.method)
-        no_weights = config.method in _NO_WEIGHTS
-        found = _DETECTORS[config] = cls() if no_weights else cls.from_pretrained(config.annotators)
+        try:
+            found = (
+                cls() if config.method in _NO_WEIGHTS else cls.from_pretrained(config.annotators)
+            )
+        except Exception as exc:  # a hub lookup offline, a missing file: each its own class
+            raise ConditionError(
+                f"cannot load controlnet_aux's {cls.__name__} from {config.annotators}: {exc}",
+                hint="--annotators names a local copy of lllyasviel/Annotators offline",
+            ) from exc
+        _DETECTORS[config] = found
     return found

@@ -34,7 +34,7 @@ import attrs
 
 from cnet_data.jsonlines import LineCount
 from cnet_data.source_protocol import SourceRecord
-from cnet_data.sources import SourceConfig, SourceError, require_exists
+from cnet_data.sources import SourceConfig, SourceError, inside_root, require_exists
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -85,11 +85,22 @@ class HfRows:
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
             if data is None and isinstance(path, str) and path:
-                return open(self.root / path, "rb")  # an Image feature kept as a path
+                return open(self._kept_as_path(path, row, file), "rb")
             value = data
         if not isinstance(value, bytes):
             raise OSError(f"row {row} of {file} has no {column} bytes ({type(value).__name__})")
         return io.BytesIO(value)
+
+    def _kept_as_path(self, path: str, row: int, file: str) -> Path:
+        """Where an Image feature kept as a path (not embedded: `to_parquet` and
+        `save_to_disk` of a dataset built from local files) is: an absolute path as the
+        dataset names it, a relative one under the root and never out of it."""
+        if os.path.isabs(path):
+            return Path(path)
+        inside = inside_root(self.root, path)
+        if inside is None:
+            raise OSError(f"row {row} of {file} names {path!r}, outside {self.root}")
+        return self.root / inside
 
     def describe(self, reference: str) -> str:
         file, row, column = self.cell(reference)
@@ -115,12 +126,23 @@ class _RowFile:
 
     def __init__(self, path: Path) -> None:
         _pyarrow()
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = path
         self._table: pa.Table | None = None
         self._parquet: pq.ParquetFile | None = None
-        self._groups: OrderedDict[tuple[int, str], pa.ChunkedArray[Any]] = OrderedDict()
+        try:
+            self._open(path)
+        except pa.ArrowException as exc:
+            raise SourceError(
+                f"dataset file {path} cannot be read by pyarrow: {exc}",
+                hint="a file a few hundred bytes long is a Git LFS pointer: run git lfs pull",
+            ) from None
+
+    def _open(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
         if path.suffix == ".parquet":
             self._parquet = pq.ParquetFile(path)
             meta = self._parquet.metadata
@@ -148,17 +170,25 @@ class _RowFile:
         return self._group(group, column)[row - self._starts[group]].as_py()
 
     def _group(self, group: int, column: str) -> pa.ChunkedArray[Any]:
-        """A row group's column, from the 8 most recently read (a scan chunk, or a batch,
-        reads neighbouring rows; each group read is a few megabytes)."""
-        key = (group, column)
-        cached = self._groups.get(key)
-        if cached is None:
-            assert self._parquet is not None
+        """A row group's column, from the most recently read of this process (a scan chunk,
+        or a batch, reads neighbouring rows), kept under `GROUP_CACHE_BYTES` in all."""
+        import pyarrow as pa
+
+        key = (os.getpid(), self.path, group, column)
+        with _FILES_LOCK:
+            cached = _GROUPS.get(key)
+            if cached is not None:
+                _GROUPS.move_to_end(key)
+                return cached
+        assert self._parquet is not None
+        try:
             cached = self._parquet.read_row_group(group, columns=[column]).column(column)
-            self._groups[key] = cached
-            if len(self._groups) > 8:
-                self._groups.popitem(last=False)
-        self._groups.move_to_end(key)
+        except pa.ArrowException as exc:
+            raise OSError(f"row group {group} of {self.path} cannot be read: {exc}") from None
+        with _FILES_LOCK:
+            _GROUPS[key] = cached
+            while len(_GROUPS) > 1 and sum(c.nbytes for c in _GROUPS.values()) > GROUP_CACHE_BYTES:
+                _GROUPS.popitem(last=False)
         return cached
 
 
@@ -175,6 +205,9 @@ def _read_arrow(path: Path) -> pa.Table:
 
 
 _FILES: OrderedDict[tuple[int, Path, int, int], _RowFile] = OrderedDict()
+_GROUPS: OrderedDict[tuple[int, Path, int, str], pa.ChunkedArray[Any]] = OrderedDict()
+GROUP_CACHE_BYTES = 256 * 2**20
+"""The most parquet row-group data a process keeps for the next reads."""
 _FILES_LOCK = threading.Lock()
 
 
@@ -197,16 +230,16 @@ def _row_file(path: Path) -> _RowFile:
 
 
 def row_files(config: SourceConfig) -> list[Path]:
-    """The dataset files `config.path` names: itself when it is a file, else every parquet
-    or arrow file under it of `config.split` (all of them when none is marked with a split),
-    in name order (the index order, which a resumed run relies on)."""
+    """The dataset files `config.path` names: itself when it is a file, else the parquet or
+    arrow files under it of `config.split` (all of them when none is marked with a split), in
+    name order (the index order, which a resumed run relies on)."""
     if config.url is not None:
         _download(config)
     require_exists(config)
     path = config.path.absolute()
     if path.is_file():
         return [path]
-    found = sorted(p for p in path.rglob("*") if p.suffix in ROW_SUFFIXES and p.is_file())
+    found = _data_files(path)
     if not found:
         raise SourceError(
             f"dataset folder {path} holds no .parquet or .arrow file",
@@ -214,7 +247,38 @@ def row_files(config: SourceConfig) -> list[Path]:
             "or at its parquet files",
         )
     of_split = [p for p in found if _in_split(p.relative_to(path), config.split)]
+    splits_in_folders = (path / "dataset_dict.json").is_file()
+    marked = {s for p in found for s in _split_marks(p.relative_to(path), splits_in_folders)}
+    if not of_split and marked:
+        raise SourceError(
+            f"dataset folder {path} has no split {config.split!r}",
+            hint=f"it has {', '.join(sorted(marked))}: set data.source.split (--split)",
+        )
     return of_split or found
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The row files under `folder`, without `datasets`' own caches (`cache-*.arrow`, written
+    next to a saved dataset when it is mapped) and an image folder's `metadata.parquet`."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix in ROW_SUFFIXES and p.is_file())
+    return [p for p in found if not p.name.startswith("cache-") and p.stem != "metadata"]
+
+
+_SPLIT_FILE = re.compile(r"(?P<split>[A-Za-z][\w.]*?)-\d+-of-\d+\.")
+
+
+_SPLIT_NAMES = {"train", "test", "validation", "valid", "val", "dev"}
+
+
+def _split_marks(relative: Path, splits_in_folders: bool) -> set[str]:
+    """The splits a file's path marks: `train-00000-of-00001.parquet`, a folder with a split's
+    usual name, or any folder of a `DatasetDict` saved with `save_to_disk` (which writes
+    `dataset_dict.json`)."""
+    named = _SPLIT_FILE.match(relative.name)
+    folders = set(relative.parts[:-1])
+    # `save_to_disk` names a split's own shards `data-00000-of-00001.arrow`.
+    marks = {named["split"]} if named and named["split"] != "data" else set()
+    return marks | (folders if splits_in_folders else folders & _SPLIT_NAMES)
 
 
 def _in_split(relative: Path, split: str) -> bool:

@@ -63,7 +63,10 @@ def join(url: str, relative: str) -> str:
 
 
 def ranged_read(url: str, offset: int, size: int) -> bytes:
-    """`size` bytes of `url` from `offset`: one ranged request."""
+    """`size` bytes of `url` from `offset`: one ranged request (none for an empty member:
+    a zero-length range is not one every server reads as such)."""
+    if size == 0:
+        return b""
     fs, path = filesystem(url)
     return bytes(fs.cat_file(path, start=offset, end=offset + size))
 
@@ -72,7 +75,8 @@ def list_files(url: str, suffix: str) -> list[str]:
     """The files under `url` (or `url` itself) whose name ends in `suffix`, relative to it,
     in name order."""
     fs, root = filesystem(url)
-    if fs.isfile(root):
+    # Only a name with the suffix is one file: an https "folder" is a page that exists too.
+    if root.endswith(suffix) and fs.isfile(root):
         return [""]
     root = root.rstrip("/")
     found = [p for p in fs.find(root) if p.endswith(suffix)]
@@ -105,8 +109,11 @@ class ReadThroughCache:
         except FileNotFoundError:
             pass
         data = fetch()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_quickly(path, data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _replace_quickly(path, data)
+        except OSError:  # a full or read-only disk: the read still succeeds, uncached
+            return data
         first = self._written < 0  # this process has not measured the folder yet
         self._written = max(self._written, 0) + len(data)
         if first or self._written >= self.max_bytes // 16:

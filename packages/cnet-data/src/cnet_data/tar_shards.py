@@ -89,15 +89,20 @@ class TarShards:
         data = self._read(member)
         if len(data) != member.size:
             raise OSError(
-                f"shard {member.shard} ends {member.size - len(data)} bytes into member "
-                f"{member.name} (truncated since it was indexed?)"
+                f"{self._shard_name(member)} gave {len(data)} bytes of member {member.name}, "
+                f"indexed as {member.size} (the shard changed since it was indexed?)"
             )
         return io.BytesIO(data)
+
+    def _shard_name(self, member: Member) -> str:
+        if self.url is None:
+            return str(self.root / member.shard)
+        return remote_reads.join(self.url, member.shard) if member.shard else self.url
 
     def _read(self, member: Member) -> bytes:
         if self.url is None:
             return _pread_member(self.root / member.shard, member.size, member.offset)
-        url = remote_reads.join(self.url, member.shard) if member.shard else self.url
+        url = self._shard_name(member)
 
         def fetch() -> bytes:
             return remote_reads.ranged_read(url, member.offset, member.size)
@@ -109,9 +114,7 @@ class TarShards:
 
     def describe(self, reference: str) -> str:
         member = self.member(reference)
-        if self.url is not None:
-            return f"{remote_reads.join(self.url, member.shard)} member {member.name}"
-        return f"{self.root / member.shard} member {member.name}"
+        return f"{self._shard_name(member)} member {member.name}"
 
     def relocated(self, root: Path) -> TarShards:
         return attrs.evolve(self, root=Path(root).absolute())

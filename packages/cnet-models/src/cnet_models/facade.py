@@ -122,15 +122,26 @@ def load_component(
     return checked(loaded, kind, f"{kind.__name__} loaded from {where}")
 
 
+_TEXT_TO_IMAGE: dict[str, Any] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+
+
 def pipeline_from_single_file(
-    family: str, path: Path, config: str, *, dtype: torch.dtype, local_files_only: bool
+    pipeline: str, path: Path, config: str, *, dtype: torch.dtype, local_files_only: bool
 ) -> Any:
-    """The family's pipeline with the parts of a single-file checkpoint, converted by
-    diffusers' own `from_single_file` with the configs and tokenizers of `config`; `Any`
-    like the pipelines' untyped attributes (the caller checks each part)."""
-    sdxl = family == "sdxl"
-    cls: Any = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    no_checker = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    """The text-to-image pipeline `pipeline` (a family's `pipeline` class name) with the parts
+    of a single-file checkpoint, converted by diffusers' own `from_single_file` with the
+    configs and tokenizers of `config`; `Any` like the pipelines' untyped attributes (the
+    caller checks each part)."""
+    cls = _TEXT_TO_IMAGE[pipeline]
+    # SD 1.x / 2.x pipelines load a safety checker unless told not to; training needs none.
+    no_checker = (
+        {"safety_checker": None, "requires_safety_checker": False}
+        if cls is StableDiffusionPipeline
+        else {}
+    )
     try:
         return cls.from_single_file(
             str(path),

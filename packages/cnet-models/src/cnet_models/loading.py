@@ -120,7 +120,7 @@ def _load_single_file(config: BaseModelConfig) -> BaseModel:
     common: dict[str, Any] = {"local_files_only": config.local_files_only}
     dtype = DTYPES[config.frozen_dtype]
     pipe = pipeline_from_single_file(
-        family.name, path, described, dtype=dtype, local_files_only=config.local_files_only
+        family.pipeline, path, described, dtype=dtype, local_files_only=config.local_files_only
     )
     unet = checked(pipe.unet, UNet2DConditionModel, f"the UNet of {path}")
     as_folder = attrs.evolve(config, source=described, revision=None, variant=None)
