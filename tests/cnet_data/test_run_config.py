@@ -481,3 +481,20 @@ def test_detection_and_resolutions_match_cnet_models() -> None:
     with pytest.raises(families.FamilyDetectionError):
         families.detect_family({"addition_embed_type": "image"})
     assert detect_family({"addition_embed_type": "image"}) is None
+
+
+def test_the_remote_source_settings_are_checked_by_key(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    source = {"path": "kept", "url": "s3://b/shards", "read_cache_gib": 20.5, "split": "train"}
+    config.write_text(yaml.safe_dump({"data": {"source": source}}))
+    loaded = load_run_config(config)
+    assert loaded.source.url == "s3://b/shards" and loaded.source.read_cache_gib == 20.5
+    for bad, problem in (
+        ({"read_cache_gib": "lots"}, "data.source.read_cache_gib: expected a number, got 'lots'"),
+        ({"read_cache_gib": -1}, "data.source.read_cache_gib: must be a finite number of GiB"),
+        ({"split": ""}, "data.source.split: must not be empty"),
+    ):
+        config.write_text(yaml.safe_dump({"data": {"source": {**source, **bad}}}))
+        with pytest.raises(RunConfigError) as refused:
+            load_run_config(config)
+        assert any(p.startswith(problem) for p in refused.value.problems), refused.value.problems

@@ -176,6 +176,7 @@ def type_problem(value: object, expected: Any) -> str | None:
         Path: (str, "a path (a string)"),
         str: (str, "a string"),
         int: (int, "an integer"),
+        float: ((int, float), "a number"),
         bool: (bool, "true or false"),
     }
     if expected not in names:
