@@ -170,6 +170,14 @@ def test_a_manifest_and_a_dataset_are_conditioned_with_their_captions(
     assert scanned.accepted == 1
 
 
+def _install_controlnet_aux(monkeypatch: pytest.MonkeyPatch, **detectors: type) -> None:
+    """A stand-in `controlnet_aux` module holding `detectors`, for this test only."""
+    fake = type(builtins)("controlnet_aux")
+    for name, detector in detectors.items():
+        setattr(fake, name, detector)
+    monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
+
+
 class _Inverted:
     """Stands in for a controlnet_aux detector: works at 512 and returns a PIL image."""
 
@@ -191,9 +199,7 @@ def test_controlnet_aux_methods_draw_at_the_images_size(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fake = type(builtins)("controlnet_aux")
-    fake.HEDdetector = _Inverted  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
+    _install_controlnet_aux(monkeypatch, HEDdetector=_Inverted)
     args = ["condition", str(photos), "--out", str(tmp_path / "hed"), "--method", "hed"]
     assert main([*args, "--annotators", "/weights", "--workers", "1", "--quiet"]) == 0
     assert _Inverted.loaded_from == ["/weights"]  # once per process, not per image
@@ -217,9 +223,7 @@ def test_a_detector_that_cannot_load_is_one_error_before_any_image(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fake = type(builtins)("controlnet_aux")
-    fake.MidasDetector = _Offline  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
+    _install_controlnet_aux(monkeypatch, MidasDetector=_Offline)
     out = tmp_path / "depth"
     assert main(["condition", str(photos), "--out", str(out), "--method", "depth"]) == 2
     err = capsys.readouterr().err

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import attrs
 
 from cnet_data.jsonlines import LineCount
-from cnet_data.source_protocol import SourceRecord
+from cnet_data.source_protocol import SourceRecord, header_root
 from cnet_data.sources import SourceConfig, SourceError, inside_root, require_exists
 
 if TYPE_CHECKING:
@@ -115,10 +115,7 @@ class HfRows:
     @classmethod
     def from_header(cls, header: Mapping[str, object]) -> HfRows:
         """The store an index header describes; `ValueError` naming what is missing."""
-        root = header.get("root")
-        if not isinstance(root, str) or not root:
-            raise ValueError(f"a {STORE_KIND!r} store needs a root folder, got {root!r}")
-        return cls(Path(root))
+        return cls(header_root(header, STORE_KIND))
 
 
 class _RowFile:

@@ -13,6 +13,8 @@ from typing import BinaryIO
 
 import attrs
 
+from cnet_data.source_protocol import header_root
+
 STORE_KIND = "files"
 """The name `LocalFiles` is registered under, and written in an index's header."""
 
@@ -47,7 +49,4 @@ class LocalFiles:
     @classmethod
     def from_header(cls, header: Mapping[str, object]) -> LocalFiles:
         """The store an index header describes; `ValueError` naming what is missing."""
-        root = header.get("root")
-        if not isinstance(root, str) or not root:
-            raise ValueError(f"a {STORE_KIND!r} store needs a root folder, got {root!r}")
-        return cls(Path(root))
+        return cls(header_root(header, STORE_KIND))

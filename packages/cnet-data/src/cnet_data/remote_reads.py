@@ -59,7 +59,8 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
 
 
 def join(url: str, relative: str) -> str:
-    return f"{url.rstrip('/')}/{relative}"
+    """`relative` under `url`; `url` itself for `""` (the URL is the one file)."""
+    return f"{url.rstrip('/')}/{relative}" if relative else url
 
 
 def ranged_read(url: str, offset: int, size: int) -> bytes:

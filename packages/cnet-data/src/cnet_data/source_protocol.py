@@ -82,6 +82,15 @@ class SampleStore(Protocol):
         ...
 
 
+def header_root(header: Mapping[str, object], kind: str) -> Path:
+    """The root folder an index header records for a store of `kind`; `ValueError` naming
+    what is missing (every store keeps its dataset root under `root`)."""
+    root = header.get("root")
+    if not isinstance(root, str) or not root:
+        raise ValueError(f"a {kind!r} store needs a root folder, got {root!r}")
+    return Path(root)
+
+
 class SampleSource(Protocol):
     """What a user points at, read into records; built from `SourceConfig` by the registry."""
 

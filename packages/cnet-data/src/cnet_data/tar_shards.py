@@ -35,7 +35,7 @@ import attrs
 
 from cnet_data import remote_reads
 from cnet_data.jsonlines import LineCount
-from cnet_data.source_protocol import SourceRecord
+from cnet_data.source_protocol import SourceRecord, header_root
 from cnet_data.sources import IMAGE_SUFFIXES, SourceConfig, SourceError, is_utf8, require_exists
 
 STORE_KIND = "tar"
@@ -97,7 +97,7 @@ class TarShards:
     def _shard_name(self, member: Member) -> str:
         if self.url is None:
             return str(self.root / member.shard)
-        return remote_reads.join(self.url, member.shard) if member.shard else self.url
+        return remote_reads.join(self.url, member.shard)
 
     def _read(self, member: Member) -> bytes:
         if self.url is None:
@@ -126,12 +126,11 @@ class TarShards:
     @classmethod
     def from_header(cls, header: Mapping[str, object]) -> TarShards:
         """The store an index header describes; `ValueError` naming what is missing."""
-        root, url, cache = header.get("root"), header.get("url"), header.get("cache_bytes", 0)
-        if not isinstance(root, str) or not root:
-            raise ValueError(f"a {STORE_KIND!r} store needs a root folder, got {root!r}")
+        root = header_root(header, STORE_KIND)
+        url, cache = header.get("url"), header.get("cache_bytes", 0)
         if not (url is None or isinstance(url, str)) or type(cache) is not int:
             raise ValueError(f"a {STORE_KIND!r} store's url {url!r} or cache {cache!r} is wrong")
-        return cls(Path(root), url, cache)
+        return cls(root, url, cache)
 
 
 _CACHES: dict[tuple[int, Path, int], remote_reads.ReadThroughCache] = {}
@@ -297,8 +296,7 @@ class _RemoteShard:
     shard: str
 
     def open(self) -> tuple[IO[bytes], int]:
-        url = remote_reads.join(self.url, self.shard) if self.shard else self.url
-        return remote_reads.open_remote(url)
+        return remote_reads.open_remote(remote_reads.join(self.url, self.shard))
 
 
 def remote_shards(url: str) -> list[str]:
