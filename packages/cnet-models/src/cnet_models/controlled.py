@@ -31,6 +31,7 @@ __all__ = [
     "ControlledUNet",
     "he_init_conditioning_embedding",
     "make_controlnet",
+    "prepare_controlnet",
     "sdxl_time_ids",
 ]
 """`AddedConditioning` lives in `cnet_models.conditioning` and `sdxl_time_ids` in
@@ -49,6 +50,13 @@ def make_controlnet(unet: UNet2DConditionModel, config: ControlNetConfig) -> Con
         )
         if config.conditioning_embedding_init == "he":
             he_init_conditioning_embedding(controlnet)
+    return prepare_controlnet(controlnet, unet, config)
+
+
+def prepare_controlnet(
+    controlnet: ControlNetModel, unet: UNet2DConditionModel, config: ControlNetConfig
+) -> ControlNetModel:
+    """Set `controlnet` (and the UNet's checkpointing) up for training as `config` says."""
     # Trained in float32 (under autocast), whatever dtype the frozen parts use. Typed as a
     # Module: diffusers' `to` override is wrapped in a way mypy cannot call.
     if controlnet.dtype != torch.float32:

@@ -11,6 +11,9 @@ notices come from those imports. Each filter drops one message of one logger, no
   to detect it", printed when transformers' `save_pretrained` imports DeepSpeed (if installed)
   on a machine without CUDA. cnet chooses devices through Lightning and its own preflight check,
   which names the devices the machine has; DeepSpeed's own accelerator pick is not used.
+- diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []"
+  when a model is cast with `to(dtype)`, as the memory plan casts its meta-device networks:
+  with an empty list there is nothing kept in float32 to be inconsistent about.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing_extensions import override
 _DROPPED = {
     "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
     "DeepSpeed": "Setting accelerator to CPU. If you have GPU or other accelerator",
+    "diffusers.models.modeling_utils": "that should be kept in float32: []. Casting directly",
 }
 """Logger name -> a fragment that only the expected notice's message contains."""
 

@@ -1,4 +1,4 @@
-"""The `cnet-train` console script: launch, config, demo, embed, export, evaluate.
+"""The `cnet-train` console script: launch, config, plan, demo, embed, export, evaluate.
 
 Only argparse is imported at module level, so `cnet-train --help` is instant; each command
 imports what it needs. Every failure goes through `cnet_data.errors.run_reporting`: one
@@ -53,6 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.set_defaults(run=_show)
 
+    plan = commands.add_parser(
+        "plan", help="peak memory per device of CONFIG, by component, and what makes it fit"
+    )
+    _config_args(plan)
+    plan.add_argument(
+        "--memory",
+        default=None,
+        help="memory per device to fit, e.g. 24GiB, 80GB or 141 (GiB); default: this "
+        "machine's first GPU",
+    )
+    plan.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices the run spreads over (default: trainer.devices x trainer.num_nodes, "
+        "or this machine's GPUs for auto)",
+    )
+    plan.set_defaults(run=_plan)
+
     demo = commands.add_parser("demo", help="tiny offline end-to-end run on CPU")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="output folder")
     demo.add_argument("--family", choices=FAMILY_NAMES, default="sd15")
@@ -104,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
     evaluate.set_defaults(run=_evaluate)
-    for sub in (launch, show, demo, embed, export, evaluate):
+    for sub in (launch, show, plan, demo, embed, export, evaluate):
         # Also after the command (`cnet-train launch run.yaml --debug`), where people type it;
         # suppressed there so that the top-level default stands when it is not given.
         _debug_arg(sub, argparse.SUPPRESS)
@@ -174,6 +193,13 @@ def _show(args: argparse.Namespace) -> int:
         buckets = run_buckets(config.data.buckets, config.model.described_by, config.model.family)
         print(f"# {buckets.line()}")  # a YAML comment: the output still loads as the config
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    config = _load(args, "config", machine=False)
+    from cnet_train.memory_launch import plan_command
+
+    return plan_command(config, args.memory, args.devices)
 
 
 def _demo(args: argparse.Namespace) -> int:
