@@ -78,17 +78,20 @@ def tiny_runs(out: Path, steps: int) -> None:
         assert trainer.global_step == steps, f"tiny {family} stopped at {trainer.global_step}"
 
 
-def fullsize_sdxl(tiny: Path) -> BaseModel:
-    """Real-size SDXL networks with random weights, built in bfloat16 on the GPU and frozen.
+def fullsize_base(
+    tiny: Path, family_name: str = "sdxl", dtype: torch.dtype = torch.bfloat16
+) -> BaseModel:
+    """Real-size networks of a family with random weights, built in `dtype` on the GPU and
+    frozen.
 
     The tokenizers come from the tiny model folder, so the text encoders must take their ids:
     each is built at full size with the tiny tokenizer's vocabulary and special ids (CLIP pools
     at the end-of-text id; a wrong one would read the pooled embedding from the wrong token).
     """
-    family = family_by_name("sdxl")
+    family = family_by_name(family_name)
     # The UNet and VAE as shipped; the text encoders built here replace the full-vocabulary ones.
-    parts = build_fullsize("sdxl", device="cuda", dtype=torch.bfloat16, with_controlnet=False)
-    encoders = tuple(text_encoder(tiny, part) for part in family.text_encoders)
+    parts = build_fullsize(family_name, device="cuda", dtype=dtype, with_controlnet=False)
+    encoders = tuple(text_encoder(tiny, family_name, part, dtype) for part in family.text_encoders)
     for part in (parts.unet, parts.vae, *encoders):
         part.requires_grad_(False)
         part.eval()
@@ -103,13 +106,13 @@ def fullsize_sdxl(tiny: Path) -> BaseModel:
     )
 
 
-def text_encoder(tiny: Path, part: str) -> TextEncoder:
+def text_encoder(tiny: Path, family: str, part: str, dtype: torch.dtype) -> TextEncoder:
     ids = json.loads((tiny / part / "config.json").read_text())
-    config = {**load_arch_config("sdxl", part), **{key: ids[key] for key in _TOKEN_IDS}}
+    config = {**load_arch_config(family, part), **{key: ids[key] for key in _TOKEN_IDS}}
     with torch.device("cuda"):
         encoder = text_encoder_class(config)(CLIPTextConfig.from_dict(config))
     module: torch.nn.Module = encoder  # transformers' `to` wrapper is not callable for mypy
-    module.to(torch.bfloat16)
+    module.to(dtype)
     return encoder
 
 
@@ -152,7 +155,7 @@ def fullsize_run(out: Path, steps: int, batch_size: int) -> None:
     # `fit` loads its base model from the config; a random full-size one goes in by hand. On
     # the GPU: `from_unet` builds the 1.25-billion-parameter ControlNet where it is created.
     with torch.device("cuda"):
-        module = ControlNetModule(config, base=fullsize_sdxl(Path(config.model.source)))
+        module = ControlNetModule(config, base=fullsize_base(Path(config.model.source)))
     timer = StepTimer()
     # No checkpoints, exports or validation: gigabytes of writes are not what this measures.
     trainer = build_trainer(

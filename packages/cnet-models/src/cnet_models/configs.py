@@ -151,5 +151,8 @@ class ControlNetConfig:
     first step. Ignored when `pretrained` is set (its weights are loaded as they are)."""
     gradient_checkpointing: bool = False
     """Recompute ControlNet activations in the backward pass (less memory, more compute)."""
-    unet_gradient_checkpointing: bool = False
-    """The same for the frozen UNet, through which the ControlNet's gradients flow."""
+    unet_gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """The same for the frozen UNet, through which the ControlNet's gradients flow (about a
+    tenth more FLOPs per step; the UNet's saved activations are most of a step's memory).
+    `auto`: cnet-train switches it on at launch on a GPU when its memory plan of the run does
+    not fit the device without it, and says so in the log; elsewhere `auto` leaves it off."""

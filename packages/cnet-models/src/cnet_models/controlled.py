@@ -66,7 +66,7 @@ def prepare_controlnet(
     controlnet.requires_grad_(True)
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
-    if config.unet_gradient_checkpointing:
+    if config.unet_gradient_checkpointing is True:  # `auto` is resolved by the launcher
         unet.enable_gradient_checkpointing()
     return controlnet
 

@@ -337,6 +337,11 @@ class TrainerConfig:
     (seconds per shape on the tiny models, longer for SDXL); it pays off on long runs."""
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Optimizer steps between logged scalars."""
+    memory_check: bool = True
+    """On a GPU, plan the run's memory per device before anything loads (`cnet-train plan`)
+    and refuse a config whose plan exceeds the device, naming the settings that would fit.
+    false: launch anyway (the plan keeps a margin of 1 GiB + 5% for the allocator and CUDA's
+    own workspace, which a run may not need)."""
 
     def __attrs_post_init__(self) -> None:
         if self.strategy == "deepspeed" and self.precision == "16-mixed":

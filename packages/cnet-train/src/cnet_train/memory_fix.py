@@ -25,7 +25,7 @@ def with_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 def _candidates(config: TrainConfig, world: int) -> Iterator[list[str]]:
     """Each next change to try, given the config with the earlier ones applied."""
-    if not config.controlnet.unet_gradient_checkpointing:
+    if config.controlnet.unet_gradient_checkpointing is not True:
         yield ["controlnet.unet_gradient_checkpointing=true"]
     if not config.controlnet.gradient_checkpointing:
         yield ["controlnet.gradient_checkpointing=true"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import torch
 
 from cnet_data.errors import CnetError
 from cnet_train.config import TrainConfig
 from cnet_train.memory_fix import changes_that_fit, parse_memory, report
-from cnet_train.memory_plan import Planner
+from cnet_train.memory_plan import GiB, Planner
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +35,81 @@ def world_size(config: TrainConfig) -> int:
 
 
 def plan_command(config: TrainConfig, memory_text: str | None, devices: int | None) -> int:
-    """Print the plan of `config`; 1 if it does not fit (and what would), else 0."""
+    """Print the plan of `config` as a launch would settle it; 1 if it does not fit (and what
+    would), else 0."""
     memory = parse_memory(memory_text) if memory_text is not None else device_memory()
     world = devices if devices is not None else world_size(config)
     planner = Planner()
-    plan = planner.plan(config, world)
-    print(report(plan, memory, world))
     if memory is None:
+        print(report(planner.plan(config, world), memory, world))
         print("  no GPU here: give --memory (e.g. --memory 80GiB) to check a fit")
         return 0
+    config = settle_auto_checkpointing(config, memory, world, planner)
+    plan = planner.plan(config, world)
+    print(report(plan, memory, world))
     if plan.peak <= memory:
         return 0
     print(_advice(changes_that_fit(config, memory, world, planner)))
     return 1
+
+
+def check_at_launch(config: TrainConfig) -> TrainConfig:
+    """The config a launch trains with: on a CUDA device, `auto` UNet checkpointing settled by
+    the memory plan, and a plan that cannot fit refused before anything loads; elsewhere (the
+    CPU has no fixed memory to plan against) `auto` means off."""
+    memory = launch_memory(config)
+    if memory is None or not config.trainer.memory_check:
+        return auto_off(config)
+    world = world_size(config)
+    planner = Planner()
+    config = settle_auto_checkpointing(config, memory, world, planner)
+    plan = planner.plan(config, world)
+    if plan.peak > memory:
+        advice = _advice(changes_that_fit(config, memory, world, planner)).strip()
+        raise PlanDoesNotFitError(
+            f"the memory plan of this run needs {plan.peak / GiB:.2f} GiB per device, more than "
+            f"the GPU's {memory / GiB:.2f} GiB; {advice} (`cnet-train plan CONFIG` shows the "
+            "table; trainer.memory_check=false launches anyway)"
+        )
+    logger.info("memory plan: %.2f GiB per device of %.2f GiB", plan.peak / GiB, memory / GiB)
+    return config
+
+
+def launch_memory(config: TrainConfig) -> int | None:
+    """The memory of the GPU the run trains on; None when it trains on the CPU."""
+    return None if config.trainer.accelerator == "cpu" else device_memory()
+
+
+def settle_auto_checkpointing(
+    config: TrainConfig, memory: int, world: int, planner: Planner
+) -> TrainConfig:
+    """`config` with `auto` UNet checkpointing switched on where its plan does not fit `memory`
+    without it, else off."""
+    if config.controlnet.unet_gradient_checkpointing != "auto":
+        return config
+    off = auto_off(config)
+    if planner.plan(off, world).peak <= memory:
+        return off
+    on = _with_unet_checkpointing(config, True)
+    logger.info(
+        "UNet gradient checkpointing on: without it the memory plan needs %.2f GiB per device, "
+        "more than the %.2f GiB there are",
+        planner.plan(off, world).peak / GiB,
+        memory / GiB,
+    )
+    return on
+
+
+def auto_off(config: TrainConfig) -> TrainConfig:
+    """`config` with `auto` UNet checkpointing off."""
+    if config.controlnet.unet_gradient_checkpointing != "auto":
+        return config
+    return _with_unet_checkpointing(config, False)
+
+
+def _with_unet_checkpointing(config: TrainConfig, on: bool) -> TrainConfig:
+    controlnet = attrs.evolve(config.controlnet, unet_gradient_checkpointing=on)
+    return attrs.evolve(config, controlnet=controlnet)
 
 
 def _advice(changes: list[str] | None) -> str:

@@ -125,7 +125,7 @@ class Planner:
         shape = StepShape(config.data.batch_size, *bucket, encode_text=config.cache.path is None)
         key = (
             c.gradient_checkpointing,
-            c.unet_gradient_checkpointing,
+            c.unet_gradient_checkpointing is True,
             shape,
             config.trainer.precision,
             config.model.frozen_dtype,

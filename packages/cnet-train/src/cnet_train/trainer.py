@@ -28,6 +28,7 @@ from cnet_train.data import ControlNetDataModule, run_buckets
 from cnet_train.errors import PreemptedError, RankFailedError
 from cnet_train.finishing import resume_finishes_the_run
 from cnet_train.loggers import build_logger
+from cnet_train.memory_launch import auto_off, check_at_launch
 from cnet_train.module import ControlNetModule
 from cnet_train.quiet import silence_expected_notices
 from cnet_train.resume import ResumeAgreement, checkpoint_dir, resume_path
@@ -133,6 +134,8 @@ def fit(
 
     `base` replaces loading `config.model` (a model built in memory, e.g. full-size random
     weights for a benchmark)."""
+    # Before anything is written or loaded. A `base` built in memory has no config to plan from.
+    config = check_at_launch(config) if base is None else auto_off(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resume_path(config)
