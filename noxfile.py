@@ -245,6 +245,66 @@ def gpu_smoke(session: nox.Session) -> None:
     session.run("python", "benchmarks/gpu_smoke.py", *session.posargs)
 
 
+WHEELHOUSE = ROOT / ".whl"
+"""Where `wheelhouse` writes (ignored by git; the device tool carries it as `.whl`)."""
+GPU_IMAGE_LACKS = (
+    "diffusers",
+    "importlib_metadata",  # diffusers'
+    "cattrs",
+    "hjson",  # DeepSpeed's, and pydantic with its own
+    "pydantic",
+    "pydantic_core",
+    "annotated-types",
+    "typing-inspection",
+)
+"""What cnet and DeepSpeed need that the GPU image lacks (its package list: the device tool's
+KINDS.md, read 2026-11: Python 3.12, torch 2.11, Lightning, transformers, tensorboard).
+Versions are the lock's; bitsandbytes, not in the lock, is BITSANDBYTES."""
+BITSANDBYTES = "bitsandbytes==0.50.2"
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")
+WHEELHOUSE_LIMIT = 64 * 2**20 - 8 * 2**20
+"""The device tool carries 64 MiB with the working tree; leave it 8 MiB."""
+
+
+def _lock_pin(name: str) -> str:
+    wanted = re.sub(r"[-_.]+", "-", name).lower()
+    for line in LOCK.read_text().splitlines():
+        pinned = line.split("==")[0]
+        if re.sub(r"[-_.]+", "-", pinned).lower() == wanted:
+            return line.strip()
+    raise ValueError(f"{name} is not in {LOCK.name}: run `nox -s lock` or drop it from the list")
+
+
+@nox.session
+def wheelhouse(session: nox.Session) -> None:
+    """The wheels an offline GPU machine (Python 3.12, torch already there) needs to run
+    benchmarks/gpu_check.sh, in .whl/: cnet's three packages, DeepSpeed built as a pure wheel
+    (no CUDA ops: DS_BUILD_OPS=0), and the binary wheels of GPU_IMAGE_LACKS and bitsandbytes
+    for CPython 3.12 on x86-64 Linux. Fails if they would not fit the device tool's carry."""
+    shutil.rmtree(WHEELHOUSE, ignore_errors=True)
+    WHEELHOUSE.mkdir()
+    out = str(WHEELHOUSE)
+    # DeepSpeed's setup.py imports torch: build it against this session's, without isolation.
+    session.install(*_locked(), TORCH, *_deepspeed_installs()[0])
+    session.run("pip", "wheel", "--quiet", "--no-deps", "-w", out, *PACKAGES)
+    deepspeed = _lock_pin("deepspeed")
+    build = ("pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", out)
+    session.run(*build, deepspeed, env=NO_DEEPSPEED_OPS)
+    platforms = [arg for tag in WHEEL_PLATFORMS for arg in ("--platform", tag)]
+    session.run(
+        "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+        "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", out,
+        *(_lock_pin(name) for name in GPU_IMAGE_LACKS), BITSANDBYTES,
+    )  # fmt: skip
+    wheels = sorted(WHEELHOUSE.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels)
+    for wheel in wheels:
+        session.log(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
+    session.log(f"{len(wheels)} wheels, {size / 2**20:.1f} MiB in {WHEELHOUSE.name}/")
+    if size > WHEELHOUSE_LIMIT:
+        session.error(f"the wheels take {size / 2**20:.1f} MiB, over the carry's room")
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Every benchmark script in benchmarks/, one after another, with its default arguments.

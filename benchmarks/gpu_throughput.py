@@ -14,6 +14,8 @@ row per setting:
 - `sdpa`: + SDPA free to pick its fused kernels (flash, memory-efficient);
 - `compile`: + regional compilation of the UNet and ControlNet blocks (`trainer.compile`);
 - `unet-ckpt`: `sdpa` + UNet gradient checkpointing;
+- `latent-cache`: `sdpa` with the VAE's latents read from a cache (`cnet-train encode`, run
+  before the timed steps) instead of encoded in the step;
 - `deepspeed`: `sdpa` under DeepSpeed ZeRO-2 on one device; `fsdp`: `sdpa` under FSDP2.
 
 Each row: the median of `--steps` timed step times after `--warmup` steps (CUDA events at the
@@ -21,7 +23,8 @@ end of every batch, read after the run: no synchronisation inside it), samples/s
 FLOPs per sample (ControlNet forward and backward, UNet forward and its input-gradient backward,
 counted by `cnet_train.flops`) and the VAE encode's, MFU against the device's bf16 peak (model
 FLOPs, then with the encode), peak allocated memory and the plan's prediction
-(`cnet-train plan`). Rows stop once `--budget-s` is spent (the rest are named as skipped).
+(`cnet-train plan`). Rows run setting by setting over the families, and stop once `--budget-s`
+is spent (the rest are named as skipped).
 
 `--tiny` (the default without CUDA): the same rows on the CPU with tiny models at 64 px (the
 GPU-only ones skipped), so that CI keeps the script working; its times say nothing of a GPU.
@@ -30,6 +33,7 @@ GPU-only ones skipped), so that CI keeps the script working; its times say nothi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -59,6 +63,7 @@ from cnet_train.callbacks.throughput import ThroughputLogger
 from cnet_train.config import TrainConfig
 from cnet_train.data import ControlNetDataModule
 from cnet_train.demo import demo_config
+from cnet_train.encode import encode_latents
 from cnet_train.memory_fix import with_overrides
 from cnet_train.memory_plan import GiB, Planner
 from cnet_train.module import ControlNetModule
@@ -84,6 +89,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], bool]] = {
     "unet-ckpt": ((*_SDPA, "controlnet.unet_gradient_checkpointing=true"), False),
     "deepspeed": ((*_SDPA, "trainer.strategy=deepspeed"), False),
     "fsdp": ((*_SDPA, "trainer.strategy=fsdp"), False),
+    "latent-cache": ((*_SDPA, "data.augment.random_crop=false", "latents.path=LATENTS"), False),
 }
 """Per setting: the config overrides, and whether attention is held to SDPA's math kernel."""
 GPU_ONLY = {"deepspeed", "compile"}
@@ -165,7 +171,9 @@ def row_config(
         "trainer.log_every_n_steps=1000000",
         "controlnet.unet_gradient_checkpointing=false",
     ]
-    return with_overrides(config, [*trainer, *SETTINGS[setting][0]])
+    latents = str(work / f"latents-{family}-{setting}")
+    changes = [change.replace("LATENTS", latents) for change in SETTINGS[setting][0]]
+    return with_overrides(config, [*trainer, *changes])
 
 
 def encode_flops(vae: AutoencoderKL, batch: int, side: int) -> int:
@@ -199,6 +207,8 @@ def run_row(work: Path, family: FamilyName, setting: str, args: argparse.Namespa
         base = fullsize_base(Path(config.model.source), family, dtype)
     with torch.device("cuda") if cuda else nullcontext():
         module = ControlNetModule(config, base=base)
+    if config.latents.path is not None:  # encoded before the run, not timed
+        encode_latents(config, vae=module.vae)
     clock, flops = StepClock(cuda), ThroughputLogger(every_n_steps=10**9)
     trainer = build_trainer(
         config,
@@ -240,22 +250,21 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def table(rows: list[Row]) -> str:
-    header = (
-        f"{'family':<6} {'setting':<12} {'batch':>5} {'side':>5} {'step s':>8} "
-        f"{'samples/s':>10} {'GF/sample':>10} {'+encode':>8} {'MFU':>7} {'MFU+enc':>8} "
-        f"{'peak GiB':>9} {'plan GiB':>9}"
+HEADER = (
+    f"{'family':<6} {'setting':<12} {'batch':>5} {'side':>5} {'step s':>8} "
+    f"{'samples/s':>10} {'GF/sample':>10} {'+encode':>8} {'MFU':>7} {'MFU+enc':>8} "
+    f"{'peak GiB':>9} {'plan GiB':>9}"
+)
+
+
+def table_line(r: Row) -> str:
+    peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f}"
+    return (
+        f"{r.family:<6} {r.setting:<12} {r.batch:>5} {r.side:>5} {r.step_s:>8.4f} "
+        f"{r.samples_per_s:>10.2f} {r.model_gflop_per_sample:>10.2f} "
+        f"{r.encode_gflop_per_sample:>8.2f} {_percent(r.mfu):>7} "
+        f"{_percent(r.mfu_with_encode):>8} {peak:>9} {r.plan_gib:>9.2f}"
     )
-    lines = [header]
-    for r in rows:
-        peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f}"
-        lines.append(
-            f"{r.family:<6} {r.setting:<12} {r.batch:>5} {r.side:>5} {r.step_s:>8.4f} "
-            f"{r.samples_per_s:>10.2f} {r.model_gflop_per_sample:>10.2f} "
-            f"{r.encode_gflop_per_sample:>8.2f} {_percent(r.mfu):>7} "
-            f"{_percent(r.mfu_with_encode):>8} {peak:>9} {r.plan_gib:>9.2f}"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,14 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
     where = "CPU, tiny models" if args.tiny else torch.cuda.get_device_name()
     print(f"gpu_throughput on {where}, torch {torch.__version__}")
-    rows, skipped = run_all(args)
-    print(table(rows))
+    print(HEADER, flush=True)
+    rows, skipped = run_all(args)  # each row printed (and saved) as it is done
     for name, why in skipped:
         print(f"skipped {name}: {why}")
-    if args.json:
-        payload = {"rows": [attrs.asdict(r) for r in rows], "skipped": skipped}
-        args.json.write_text(json.dumps(payload, indent=1))
+    _save(args.json, rows, skipped)
     return 0
+
+
+def _save(path: Path | None, rows: list[Row], skipped: list[tuple[str, str]]) -> None:
+    if path is not None:
+        payload = {"rows": [attrs.asdict(r) for r in rows], "skipped": skipped}
+        path.write_text(json.dumps(payload, indent=1))
 
 
 def run_all(args: argparse.Namespace) -> tuple[list[Row], list[tuple[str, str]]]:
@@ -290,20 +303,43 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[tuple[str, str]]]
     rows: list[Row] = []
     skipped: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="cnet-throughput-") as tmp:
-        for family in args.families.split(","):
-            for setting in args.settings.split(","):
+        # Setting by setting, each over the families: the first settings reach every family
+        # before the budget runs out.
+        for setting in args.settings.split(","):
+            for family in args.families.split(","):
                 name = f"{family} {setting}"
                 if args.tiny and setting in GPU_ONLY:
                     skipped.append((name, "GPU only"))
                 elif time.perf_counter() - start > args.budget_s:
                     skipped.append((name, f"--budget-s {args.budget_s:.0f} spent"))
                 else:
-                    rows.append(run_row(Path(tmp), family, setting, args))
-                    print(table(rows[-1:]).splitlines()[1], flush=True)
-                if not args.tiny:
-                    torch.cuda.empty_cache()
-    skipped.append(("latent-cache", "no latent cache yet (cnet-train encode)"))
+                    _run_one(Path(tmp), family, setting, args, rows=rows, skipped=skipped)
     return rows, skipped
+
+
+def _run_one(
+    work: Path,
+    family: FamilyName,
+    setting: str,
+    args: argparse.Namespace,
+    *,
+    rows: list[Row],
+    skipped: list[tuple[str, str]],
+) -> None:
+    """One row; on a GPU a failing row (out of memory, a missing package) is noted and the
+    table goes on, since a GPU session is short; in tiny mode (CI) a failure fails the run."""
+    try:
+        rows.append(run_row(work, family, setting, args))
+        print(table_line(rows[-1]), flush=True)
+    except Exception as error:
+        if args.tiny:
+            raise
+        skipped.append((f"{family} {setting}", f"failed: {type(error).__name__}: {error}"[:300]))
+        print(f"{family} {setting}: {skipped[-1][1]}", flush=True)
+    _save(args.json, rows, skipped)  # what is done survives a timeout
+    if not args.tiny:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

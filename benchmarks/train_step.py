@@ -73,6 +73,7 @@ def make_batch(batch_size: int, side: int, seed: int) -> Batch:
             target_size=size.clone(),
             bucket=0,
             index=i,
+            variant=0,
         )
         for i in range(batch_size)
     ]

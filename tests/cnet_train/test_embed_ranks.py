@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from cnet_train.embed import _rank_and_world, cluster_environment
+from cnet_train.embed import cluster_environment, rank_and_world
 
 OUTER = dict(os.environ)
 """The environment before any test of this file ran."""
@@ -64,7 +64,7 @@ def test_an_interactive_slurm_shell_is_one_process(monkeypatch: pytest.MonkeyPat
 
 def test_alone_or_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _ranks(monkeypatch) == ("LightningEnvironment", 0, 0, 1)
-    assert _rank_and_world() == (0, 1)  # no process group for one process
+    assert rank_and_world() == (0, 1)  # no process group for one process
     by_hand = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
     assert _ranks(monkeypatch, **by_hand) == ("LightningEnvironment", 1, 1, 2)
 

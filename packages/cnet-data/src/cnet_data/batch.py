@@ -34,6 +34,8 @@ class Sample(TypedDict):
     """The bucket's number in the run's `BucketTable`."""
     index: int
     """The dataset index of the sample actually returned (see `ControlNetDataset`)."""
+    variant: int
+    """The augmentation variant its crop and flip were drawn as (`AugmentConfig.variants`)."""
 
 
 class Batch(TypedDict):
@@ -57,6 +59,8 @@ class Batch(TypedDict):
     """int64 (B,): each sample's bucket number (all equal in a sampler's batch)."""
     index: torch.Tensor
     """int64 (B,): each sample's dataset index."""
+    variant: torch.Tensor
+    """int64 (B,): each sample's augmentation variant (the key of its cached latents)."""
 
 
 _TensorField = Literal[
@@ -84,6 +88,7 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         target_size=_stacked(samples, "target_size"),
         bucket=torch.tensor([s["bucket"] for s in samples], dtype=torch.int64),
         index=torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        variant=torch.tensor([s["variant"] for s in samples], dtype=torch.int64),
     )
 
 

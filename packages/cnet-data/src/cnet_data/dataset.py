@@ -48,8 +48,19 @@ class AugmentConfig:
     and half the cost of bicubic."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """The pixel limit the index enforced; Pillow is allowed to open images up to it."""
+    variants: int = 0
+    """0: a fresh crop and flip for every sample in every epoch. N >= 1: the draws repeat every N
+    epochs (epoch e draws as epoch e mod N), so each sample has N fixed variants, which a latent
+    cache (`cnet-train encode`) can hold. 1 with random crops off and no flips: one variant."""
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every epoch crops (centred) and flips (never) every sample alike."""
+        return not self.random_crop and self.flip_probability == 0.0
 
     def __attrs_post_init__(self) -> None:
+        if self.variants < 0:
+            raise ValueError(f"variants must be 0 or more, got {self.variants}")
         if not 0.0 <= self.flip_probability <= 1.0:
             raise ValueError(f"flip_probability must be in [0, 1], got {self.flip_probability}")
         if self.resample not in _RESAMPLE:
@@ -122,13 +133,21 @@ class ControlNetDataset(Dataset[Sample]):
             f"`cnet-data index`"
         )
 
+    @property
+    def variant(self) -> int:
+        """The augmentation variant the current epoch draws: the epoch itself when every epoch
+        draws afresh; 0 when nothing is drawn (validation, fixed augmentation)."""
+        if not self.train or self.augment.fixed:
+            return 0
+        return self.epoch % self.augment.variants if self.augment.variants else self.epoch
+
     def plan(self, i: int) -> CropPlan:
         """The crop plan of sample `i` in the current epoch."""
         bucket = self.table[int(self.bucket_ids[i])]
         h, w = (int(v) for v in self.index.sizes[i])
         if not self.train:
             return plan_crop((h, w), bucket, rng=None)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, self.variant, i])
         plan = plan_crop((h, w), bucket, rng=rng, flip_probability=self.augment.flip_probability)
         if not self.augment.random_crop:
             centred = plan_crop((h, w), bucket, rng=None)
@@ -150,6 +169,7 @@ class ControlNetDataset(Dataset[Sample]):
             target_size=torch.tensor(plan.target_size, dtype=torch.int64),
             bucket=int(self.bucket_ids[i]),
             index=i,
+            variant=self.variant,
         )
 
     def _load_member(self, reference: str, plan: CropPlan) -> Image.Image:

@@ -20,6 +20,7 @@ import cnet_models.quiet  # noqa: F401 (first: it filters notices the imports be
 # isort: split
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.controlnets.controlnet import ControlNetModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -285,8 +286,22 @@ def vae_encode_mean_and_sample(
     vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """A sample of the VAE's latent distribution for `images` in [-1, 1] (unscaled)."""
+    return vae_sample_from_moments(vae_moments(vae, images), generator)
+
+
+def vae_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution for `images` in [-1, 1]: (B, 2C, h, w), the means then the
+    log-variances, as the encoder leaves them (what a latent cache stores)."""
     out = vae.encode(images, return_dict=False)
-    distribution = out[0]
+    return checked(out[0].parameters, torch.Tensor, "VAE latent moments")
+
+
+def vae_sample_from_moments(
+    moments: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A sample of the latent distribution `moments` describe (unscaled): the same draw, bit for
+    bit, as sampling the distribution the encoder returned."""
+    distribution = DiagonalGaussianDistribution(moments)
     return checked(distribution.sample(generator=generator), torch.Tensor, "VAE latent sample")
 
 

@@ -1,4 +1,5 @@
-"""The `cnet-train` console script: launch, config, plan, demo, embed, export, evaluate.
+"""The `cnet-train` console script: launch, config, plan, demo, embed, encode, export,
+evaluate.
 
 Only argparse is imported at module level, so `cnet-train --help` is instant; each command
 imports what it needs. Every failure goes through `cnet_data.errors.run_reporting`: one
@@ -94,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(embed)
     embed.set_defaults(run=_embed)
 
+    encode = commands.add_parser(
+        "encode", help="build the latent cache of CONFIG (latents.path): VAE latents per sample"
+    )
+    _config_args(encode)
+    encode.set_defaults(run=_encode)
+
     export = commands.add_parser("export", help="checkpoint to diffusers ControlNet folder(s)")
     export.add_argument("checkpoint", type=Path, help="a Lightning, DeepSpeed or FSDP checkpoint")
     export.add_argument(
@@ -123,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
     evaluate.set_defaults(run=_evaluate)
-    for sub in (launch, show, plan, demo, embed, export, evaluate):
+    for sub in (launch, show, plan, demo, embed, encode, export, evaluate):
         # Also after the command (`cnet-train launch run.yaml --debug`), where people type it;
         # suppressed there so that the top-level default stands when it is not given.
         _debug_arg(sub, argparse.SUPPRESS)
@@ -220,6 +227,15 @@ def _embed(args: argparse.Namespace) -> int:
     from cnet_train.embed import embed_captions
 
     embed_captions(config)
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    config = _load(args, "encode")
+    from cnet_train.encode import encode_latents
+
+    added = encode_latents(config)
+    print(f"latent cache {config.latents.path}: {added} latents added")
     return 0
 
 

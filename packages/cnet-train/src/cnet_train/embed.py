@@ -42,13 +42,13 @@ def embed_captions(config: TrainConfig) -> int:
     """Encode every caption not yet in the cache; returns how many this rank added."""
     if config.cache.path is None:
         raise ValueError("cache.path is not set: say where the embedding cache goes")
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if rank == 0:  # one rank builds a missing index; the others wait for it
         ensure_index(config)
-    _barrier()
+    barrier()
     index = DatasetIndex(ensure_index(config))
     base = load_base_model(config.model)
-    device = _device()
+    device = compute_device()
     for encoder in base.text_encoders:
         module: torch.nn.Module = encoder  # transformers' `to` is typed in a way mypy rejects
         module.to(device)
@@ -70,7 +70,7 @@ def embed_captions(config: TrainConfig) -> int:
                 if encoded.pooled_prompt_embeds is not None:
                     tensors["pooled_prompt_embeds"] = encoded.pooled_prompt_embeds
                 added += writer.add([caption_key(c) for c in todo], tensors)
-    _barrier()
+    barrier()
     if rank == 0:
         finalize(config.cache.path)
     return added
@@ -104,7 +104,8 @@ def cluster_environment() -> ClusterEnvironment:
     return alone
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's (rank, world size), joining the process group of a multi-process launch."""
     cluster = cluster_environment()
     world = cluster.world_size()
     if world > 1 and not dist.is_initialized():
@@ -121,12 +122,14 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _device() -> torch.device:
+def compute_device() -> torch.device:
+    """This rank's GPU, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", cluster_environment().local_rank())
     return torch.device("cpu")
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for alone)."""
     if dist.is_initialized():
         dist.barrier()

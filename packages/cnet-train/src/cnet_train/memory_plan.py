@@ -33,7 +33,7 @@ class MemoryPlan:
     """Bytes per device of one run, by component."""
 
     frozen: int
-    """The frozen UNet, VAE and (without an embedding cache) text encoders."""
+    """The frozen UNet, VAE and text encoders (all on the device, with caches too)."""
     trainable: int
     """The ControlNet's weights (float32; this device's shard where sharded)."""
     gradients: int
@@ -122,7 +122,12 @@ class Planner:
         self, config: TrainConfig, bucket: tuple[int, int]
     ) -> tuple[MetaNetworks, StepMemory, str, str]:
         c = config.controlnet
-        shape = StepShape(config.data.batch_size, *bucket, encode_text=config.cache.path is None)
+        shape = StepShape(
+            config.data.batch_size,
+            *bucket,
+            encode_text=config.cache.path is None,
+            encode_images=config.latents.path is None,
+        )
         key = (
             c.gradient_checkpointing,
             c.unet_gradient_checkpointing is True,
@@ -163,7 +168,9 @@ def _plan(
     optimizer = optimizer_bytes(nets.controlnet, config.optimizer.name)
     ema = weights if config.ema.enabled and config.ema.config.device == "same" else 0
     gradients = weights
-    encoders = sum(nbytes(e) for e in nets.text_encoders) if config.cache.path is None else 0
+    # The module keeps every frozen part on the device, caches or not: validation renders
+    # with the text encoders and the VAE.
+    encoders = sum(nbytes(e) for e in nets.text_encoders)
     frozen = nbytes(nets.unet) + nbytes(nets.vae) + encoders
     if trainer.strategy == "fsdp":
         # FSDP2: weights, gradients, moments and the EMA's shadow are this rank's shards.

@@ -47,6 +47,8 @@ class StepShape:
     """Pixels of the bucket."""
     encode_text: bool
     """Whether the text encoders run in the step (no embedding cache)."""
+    encode_images: bool = True
+    """Whether the VAE encodes in the step (no latent cache)."""
 
 
 def trace_step(
@@ -101,9 +103,10 @@ def _encode_peak(nets: MetaNetworks, shape: StepShape) -> int:
     live = LiveBytes()
     images = _meta(shape.batch, 3, shape.height, shape.width, dtype=nets.vae.dtype)
     with live:
-        with AsOnGPU(None):
-            encoded: Any = nets.vae.encode(images, return_dict=False)[0]
-        del encoded
+        if shape.encode_images:
+            with AsOnGPU(None):
+                encoded: Any = nets.vae.encode(images, return_dict=False)[0]
+            del encoded
         if shape.encode_text:
             for encoder in nets.text_encoders:
                 length = encoder.config.max_position_embeddings

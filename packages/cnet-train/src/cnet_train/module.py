@@ -32,7 +32,12 @@ from cnet_data.buckets import BucketTable
 from cnet_data.captions import caption_key_hex
 from cnet_data.embcache import EmbeddingCache
 from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet
-from cnet_models.facade import AutoencoderKL, UNet2DConditionModel, vae_encode_mean_and_sample
+from cnet_models.facade import (
+    AutoencoderKL,
+    UNet2DConditionModel,
+    vae_encode_mean_and_sample,
+    vae_sample_from_moments,
+)
 from cnet_models.loading import BaseModel, load_base_model
 from cnet_models.noise import NoiseSchedule
 from cnet_models.pipelines import unconditional_is_zeros
@@ -40,6 +45,7 @@ from cnet_models.text import PromptEmbeddings, zero_rows
 from cnet_train.config import TrainConfig
 from cnet_train.data import run_buckets
 from cnet_train.host_side import dropout_draws, to_device
+from cnet_train.latent_cache import LatentCache, open_latent_cache
 from cnet_train.optim import build_optimizer, build_scheduler
 from cnet_train.resume_check import check_resume, record_run
 
@@ -62,6 +68,8 @@ class ControlNetModule(L.LightningModule):
         self.prompt_encoder = base.prompt_encoder()
         self.vae_scaling_factor = base.vae_scaling_factor
         self.cache: EmbeddingCache | None = None
+        self.latent_cache: LatentCache | None = None
+        """The latents of `latents.path`, opened (and checked against this run) in `setup`."""
         self.zero_unconditional = unconditional_is_zeros(
             config.conditioning.caption_dropout_embedding, base.family, config.model
         )
@@ -94,6 +102,21 @@ class ControlNetModule(L.LightningModule):
         if path is not None and self.cache is None:
             fingerprint = self.prompt_encoder.fingerprint(self.config.model.source)
             self.cache = EmbeddingCache(path, expected_fingerprint=fingerprint)
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, "dataset", None)
+        if self.config.latents.path is not None and self.latent_cache is None and dataset:
+            self.latent_cache = open_latent_cache(self.config, self.vae, dataset)
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With a latent cache, the batch's stored moments join it here, on the host, before
+        the transfer to the device (their keys come from host tensors, so no sync)."""
+        if self.latent_cache is None:
+            return batch
+        moments = self.latent_cache.moments(batch)
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU
+            moments = moments.pin_memory()
+        return {**batch, "moments": moments}
 
     @override
     def configure_optimizers(self) -> Any:
@@ -199,7 +222,7 @@ class ControlNetModule(L.LightningModule):
         batch_size = images.shape[0]
         # Frozen encoders in their own dtype: autocast would run a float32 VAE in half.
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            latents = self.encode_images(images, g)
+            latents = self.latents_of(batch, g)
             text = self.condition(batch, g)
         noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
         if self.config.loss.noise_offset:
@@ -228,6 +251,14 @@ class ControlNetModule(L.LightningModule):
         if gamma is not None:
             per_sample = per_sample * self.schedule.min_snr_weights(timesteps, gamma)
         return per_sample.mean()
+
+    def latents_of(self, batch: Batch, g: torch.Generator) -> torch.Tensor:
+        """The batch's latents: drawn from its cached moments where the latent cache put them
+        in the batch (the same draw as from the VAE's own output), else encoded now."""
+        moments: torch.Tensor | None = batch.get("moments")  # type: ignore[assignment]
+        if moments is None:
+            return self.encode_images(batch["image"], g)
+        return vae_sample_from_moments(moments, g).float() * self.vae_scaling_factor
 
     def encode_images(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Latents of images in [-1, 1], encoded on the fly (augmentation stays possible)."""

@@ -27,7 +27,7 @@ from cnet_models.configs import is_hub_id, looks_local
 from cnet_train.config import TrainConfig
 from cnet_train.config_io import ConfigError, problems_error
 
-Command = Literal["config", "launch", "embed"]
+Command = Literal["config", "launch", "embed", "encode"]
 
 DEVICE_HINT = (
     "the trainer section is checked against the machine it runs on; check a config written "
@@ -54,13 +54,14 @@ def preflight(
         *_data_problems(config, base_dir),
         *_writable_problems("run_dir", config.run_dir),
         *_cache_problems(config, command),
+        *_latent_problems(config, command),
         *_validation_problems(config, base_dir),
         *_model_problems(config, base_dir),
         *_bucket_problems(config),
         *_resume_problems(config, base_dir),
     ]
-    # embed's processes come from the launcher, not trainer.devices
-    devices = _device_problems(config) if command != "embed" else []
+    # embed's and encode's processes come from the launcher, not trainer.devices
+    devices = _device_problems(config) if command not in ("embed", "encode") else []
     if problems or devices:
         hint = PREFLIGHT_HINT if problems else DEVICE_HINT
         raise problems_error(source, [*problems, *devices], hint=hint)
@@ -122,6 +123,21 @@ def _cache_problems(config: TrainConfig, command: Command) -> list[str]:
     return [
         f"cache.path: {path} does not exist; build it first with `cnet-train embed CONFIG`, "
         "or set cache.path to null to encode captions in the training step"
+    ]
+
+
+def _latent_problems(config: TrainConfig, command: Command) -> list[str]:
+    """`encode` writes the latent cache; `launch` reads it, so it must have been built."""
+    path = config.latents.path
+    if path is None:
+        return []
+    if command == "encode":
+        return _writable_problems("latents.path", path)
+    if path.is_dir():
+        return []
+    return [
+        f"latents.path: {path} does not exist; build it first with `cnet-train encode CONFIG`, "
+        "or set latents.path to null to encode images in the training step"
     ]
 
 

@@ -20,6 +20,10 @@ what is left on the console is something a user must act on. Why each is expecte
 - Lightning's own `isinstance(treespec, LeafSpec)` FutureWarning from newer torch: inside
   Lightning's code, nothing a user can change.
 
+- "You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a
+  `LightningDataModule`": the module adds the latent cache's moments to each batch there (it
+  owns the VAE the cache is checked against); the data module defines no such hook.
+
 - "`weights_only` was not set, defaulting to `False`", logged at every checkpoint save: cnet's
   checkpoints always hold the full training state, which is that default.
 """
@@ -38,6 +42,8 @@ _WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 """Messages (regular expressions matched at the start) of Lightning's `PossibleUserWarning`."""
+
+_HOOK = r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in"
 
 _PYTREE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
@@ -66,6 +72,7 @@ def silence_expected_notices() -> None:
 
     for message in _WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
+    warnings.filterwarnings("ignore", message=_HOOK, category=UserWarning)
     warnings.filterwarnings(
         "ignore", message=_PYTREE, category=FutureWarning, module=r"lightning\.pytorch\.utilities"
     )
