@@ -48,7 +48,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 part gpu-tests 200 "$out/tests.log" python3 -m pytest -q -m gpu -p no:cacheprovider \
     -o addopts="-ra --strict-markers --import-mode=importlib" tests
 part throughput 220 "$out/throughput.log" python3 benchmarks/gpu_throughput.py \
-    --settings sdpa,bf16-frozen,eager,unet-ckpt,deepspeed,fsdp,compile \
+    --settings sdpa,bf16-frozen,eager,channels-last,latent-cache,unet-ckpt,deepspeed,fsdp,compile \
     --budget-s 150 --json "$out/throughput.json"
 
 echo >> "$summary"

@@ -12,7 +12,8 @@ row per setting:
 - `eager`: frozen parts in float32, attention through SDPA's math kernel only;
 - `bf16-frozen`: the frozen parts in bfloat16;
 - `sdpa`: + SDPA free to pick its fused kernels (flash, memory-efficient);
-- `compile`: + regional compilation of the UNet and ControlNet blocks (`trainer.compile`);
+- `channels-last`: + convolution weights and inputs in channels-last order;
+- `compile`: `sdpa` + regional compilation of the UNet and ControlNet blocks (`trainer.compile`);
 - `unet-ckpt`: `sdpa` + UNet gradient checkpointing;
 - `latent-cache`: `sdpa` with the VAE's latents read from a cache (`cnet-train encode`, run
   before the timed steps) instead of encoded in the step;
@@ -85,6 +86,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], bool]] = {
     "eager": (("model.frozen_dtype=float32",), True),
     "bf16-frozen": (_SDPA, True),
     "sdpa": (_SDPA, False),
+    "channels-last": ((*_SDPA, "trainer.channels_last=true"), False),
     "compile": ((*_SDPA, "trainer.compile=true"), False),
     "unet-ckpt": ((*_SDPA, "controlnet.unet_gradient_checkpointing=true"), False),
     "deepspeed": ((*_SDPA, "trainer.strategy=deepspeed"), False),
@@ -251,7 +253,7 @@ def _percent(value: float | None) -> str:
 
 
 HEADER = (
-    f"{'family':<6} {'setting':<12} {'batch':>5} {'side':>5} {'step s':>8} "
+    f"{'family':<6} {'setting':<13} {'batch':>5} {'side':>5} {'step s':>8} "
     f"{'samples/s':>10} {'GF/sample':>10} {'+encode':>8} {'MFU':>7} {'MFU+enc':>8} "
     f"{'peak GiB':>9} {'plan GiB':>9}"
 )
@@ -260,7 +262,7 @@ HEADER = (
 def table_line(r: Row) -> str:
     peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f}"
     return (
-        f"{r.family:<6} {r.setting:<12} {r.batch:>5} {r.side:>5} {r.step_s:>8.4f} "
+        f"{r.family:<6} {r.setting:<13} {r.batch:>5} {r.side:>5} {r.step_s:>8.4f} "
         f"{r.samples_per_s:>10.2f} {r.model_gflop_per_sample:>10.2f} "
         f"{r.encode_gflop_per_sample:>8.2f} {_percent(r.mfu):>7} "
         f"{_percent(r.mfu_with_encode):>8} {peak:>9} {r.plan_gib:>9.2f}"

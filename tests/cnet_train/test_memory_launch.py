@@ -69,7 +69,11 @@ def test_the_plan_command_settles_auto_as_a_launch_would(
     path.write_text(dump_config(config))
     on, off = _peaks(config)
     assert main(["plan", str(path), "--memory", f"{(on + off) / 2 / MiB:.4f}MiB"]) == 0
-    assert f"{on / 2**30:.2f} GiB" in capsys.readouterr().out  # the checkpointed plan
+    out = capsys.readouterr().out
+    assert f"{on / 2**30:.2f} GiB" in out  # the checkpointed plan, and it says so
+    assert "controlnet.unet_gradient_checkpointing: auto -> true at launch" in out
+    assert main(["plan", str(path), "--memory", f"{(off + MiB) / MiB:.4f}MiB"]) == 0
+    assert "auto -> false at launch" in capsys.readouterr().out
 
 
 def test_auto_checkpointing_switches_on_only_when_the_plan_needs_it(

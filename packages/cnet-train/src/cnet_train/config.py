@@ -351,6 +351,13 @@ class TrainerConfig:
     graphs the first time a batch of it arrives (the recompile limit is raised to the number of
     buckets), and reuses them after. The cost is one compile per bucket shape early in the run
     (seconds per shape on the tiny models, longer for SDXL); it pays off on long runs."""
+    channels_last: bool = False
+    """Keep the frozen UNet's convolution weights, the ControlNet's (with strategy auto or
+    ddp) and the step's latents and control images in channels-last memory order, the layout
+    cuDNN's fastest half-precision convolutions on NVIDIA GPUs work in (without it they convert
+    at every convolution). Off until measured on the GPU in use: the `channels-last` row of
+    benchmarks/gpu_throughput.py. Under DeepSpeed and FSDP the ControlNet's weights stay as
+    they are (their flat parameter buffers keep no memory order)."""
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Optimizer steps between logged scalars."""
     memory_check: bool = True

@@ -44,9 +44,15 @@ def plan_command(config: TrainConfig, memory_text: str | None, devices: int | No
         print(report(planner.plan(config, world), memory, world))
         print("  no GPU here: give --memory (e.g. --memory 80GiB) to check a fit")
         return 0
-    config = settle_auto_checkpointing(config, memory, world, planner)
-    plan = planner.plan(config, world)
+    settled = settle_auto_checkpointing(config, memory, world, planner)
+    plan = planner.plan(settled, world)
     print(report(plan, memory, world))
+    if (
+        settled.controlnet.unet_gradient_checkpointing
+        is not config.controlnet.unet_gradient_checkpointing
+    ):
+        print(f"  controlnet.unet_gradient_checkpointing: auto -> {_on_off(settled)} at launch")
+    config = settled
     if plan.peak <= memory:
         return 0
     print(_advice(changes_that_fit(config, memory, world, planner)))
@@ -98,6 +104,10 @@ def settle_auto_checkpointing(
         memory / GiB,
     )
     return on
+
+
+def _on_off(config: TrainConfig) -> str:
+    return "true" if config.controlnet.unet_gradient_checkpointing is True else "false"
 
 
 def auto_off(config: TrainConfig) -> TrainConfig:

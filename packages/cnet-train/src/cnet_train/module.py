@@ -130,9 +130,30 @@ class ControlNetModule(L.LightningModule):
 
     @override
     def configure_model(self) -> None:
+        if self.config.trainer.channels_last:
+            self._to_channels_last()
         self._shard_for_fsdp2()
         if self.config.trainer.compile:
             self._compile_blocks()
+
+    def _to_channels_last(self) -> None:
+        """The convolution weights in channels-last order (`trainer.channels_last`)."""
+        models: list[torch.nn.Module] = [self.unet]
+        if self.config.trainer.strategy in ("auto", "ddp"):
+            models.append(self.controlnet)
+        # What `Module.to(memory_format=...)` does (which torch's stubs do not type): every 4-D
+        # weight re-laid in place, the parameter objects kept.
+        with torch.no_grad():
+            for model in models:
+                for param in model.parameters():
+                    if param.ndim == 4:
+                        param.data = param.data.contiguous(memory_format=torch.channels_last)
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` in the memory order the convolutions' weights are in."""
+        if not self.config.trainer.channels_last:
+            return images
+        return images.contiguous(memory_format=torch.channels_last)
 
     def _compile_blocks(self) -> None:
         """Regional compilation: each down, mid and up block of the UNet and ControlNet compiles
@@ -238,10 +259,10 @@ class ControlNetModule(L.LightningModule):
         added = self.added_conditioning(batch, text)
         with self.autocast():
             prediction = self.controlled(
-                noisy,
+                self._layout(noisy),
                 timesteps,
                 text.prompt_embeds,
-                batch["conditioning_image"],
+                self._layout(batch["conditioning_image"]),
                 conditioning_scale=self.config.conditioning.scale,
                 added=added,
             )
