@@ -187,11 +187,11 @@ def encode_flops(vae: AutoencoderKL, batch: int, side: int) -> int:
         return measure_flops(copy, lambda: copy.encode(images, return_dict=False))
 
 
-def planned_peak(config: TrainConfig, tiny: bool) -> int:
+def planned_peak(config: TrainConfig, family: FamilyName, tiny: bool) -> int:
     """The plan's peak for `config`; at full size from the shipped architectures of the family
     (the hub's reference model, not on this machine, falls back to them)."""
     if not tiny:
-        model = attrs.evolve(config.model, source=REFERENCE_MODELS[config.model.family or "sd15"])
+        model = attrs.evolve(config.model, source=REFERENCE_MODELS[family])
         config = attrs.evolve(config, model=model)
     return Planner().plan(config).peak
 
@@ -240,7 +240,7 @@ def run_row(work: Path, family: FamilyName, setting: str, args: argparse.Namespa
         mfu=model * rate / peak_flops if peak_flops else None,
         mfu_with_encode=(model + encode) * rate / peak_flops if peak_flops else None,
         peak_gib=torch.cuda.max_memory_allocated() / GiB if cuda else None,
-        plan_gib=planned_peak(config, args.tiny) / GiB,
+        plan_gib=planned_peak(config, family, args.tiny) / GiB,
     )
 
 

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from cnet_data.buckets import BucketSettings
 from cnet_data.dataset import AugmentConfig
+from cnet_data.embcache import EmbeddingCache
 from cnet_models.facade import AutoencoderKL
 from cnet_train.cli import main
 from cnet_train.config import LatentCacheConfig, TrainConfig, ValidationConfig
@@ -75,6 +76,8 @@ def test_encode_is_resumable_and_the_cli_reports_what_it_added(
     make_config: MakeConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _with_latents(make_config("sd15", data_augment=FIXED), tmp_path / "latents", 4)
+    # The text cache is not built yet: encode does not need it (nor embed the latents).
+    config = attrs.evolve(config, cache=attrs.evolve(config.cache, path=tmp_path / "text"))
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(config))
     assert main(["encode", str(path)]) == 0
@@ -121,9 +124,15 @@ def test_a_cache_built_for_other_inputs_is_refused_before_training(
         4,
     )
     encode_latents(config)
-    other_seed = attrs.evolve(config, seed=1, run_dir=tmp_path / "seed")
+    # A fixed augmentation draws nothing: another seed reuses the cache, another resize not.
+    bicubic = attrs.evolve(FIXED, resample="bicubic")
+    resized = attrs.evolve(
+        config, run_dir=tmp_path / "resample", data=attrs.evolve(config.data, augment=bicubic)
+    )
     with pytest.raises(LatentCacheError, match="augment"):
-        fit(other_seed, **QUIET)
+        fit(resized, **QUIET)
+    other_seed = attrs.evolve(config, seed=1, run_dir=tmp_path / "seed")
+    assert fit(other_seed, **QUIET)[0].global_step == config.trainer.max_steps
     smaller = attrs.evolve(
         config,
         run_dir=tmp_path / "buckets",
@@ -133,3 +142,25 @@ def test_a_cache_built_for_other_inputs_is_refused_before_training(
     )
     with pytest.raises(LatentCacheError, match="cnet-train encode"):
         fit(smaller, **QUIET)
+
+
+def test_a_batch_the_cache_lacks_is_encoded_in_the_step(
+    make_config: MakeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config("sd15", steps=3, data_augment=FIXED, validation=ValidationConfig())
+    config = _with_latents(config, tmp_path / "latents", 4)
+    encode_latents(config)
+    get_many = EmbeddingCache.get_many
+    calls: list[int] = []
+
+    def first_missing(self: EmbeddingCache, keys: Any) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 1:  # as if that sample had failed to decode at encode time
+            raise KeyError(f"{keys[0]} is not in the cache")
+        return get_many(self, keys)
+
+    monkeypatch.setattr(EmbeddingCache, "get_many", first_missing)
+    encodes = _count_encodes(monkeypatch)
+    trainer, _ = fit(config, **QUIET)
+    assert trainer.global_step == 3
+    assert len(calls) == 3 and len(encodes) == 1  # only the batch it lacked met the VAE

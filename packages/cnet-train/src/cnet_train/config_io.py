@@ -51,7 +51,14 @@ CONFIG_HINT = (
     "without loading a model"
 )
 
-PATH_KEYS = ("run_dir", "data.source.path", "data.index", "cache.path", "validation.images")
+PATH_KEYS = (
+    "run_dir",
+    "data.source.path",
+    "data.index",
+    "cache.path",
+    "latents.path",
+    "validation.images",
+)
 """Path fields: made absolute against the config file's folder (or the current directory)."""
 SOURCE_KEYS = ("model.source", "model.config", "model.vae", "controlnet.pretrained")
 """Folder-or-hub-id fields: made absolute only when they name a folder."""

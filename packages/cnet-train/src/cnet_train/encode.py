@@ -37,6 +37,9 @@ from cnet_train.latent_cache import (
     variant_count,
 )
 
+SHARD_BYTES = 256 * 2**20
+"""Records a bucket's writer holds before it writes a shard (SDXL at 1024 px: 512 of 512 KiB)."""
+
 
 def encode_latents(config: TrainConfig, vae: AutoencoderKL | None = None) -> int:
     """Encode every (sample, variant) not yet in the cache; returns how many this rank added.
@@ -88,17 +91,22 @@ class _Writers:
     def __call__(self, bucket: int) -> EmbeddingCacheWriter:
         if bucket not in self._open:
             b = self.table[bucket]
+            fields = latent_fields(self.vae, b.height, b.width)
             self._open[bucket] = EmbeddingCacheWriter(
                 bucket_folder(self.root, bucket),
                 fingerprint=bucket_fingerprint(self.base, self.table, bucket),
-                fields=latent_fields(self.vae, b.height, b.width),
+                fields=fields,
                 rank=self.rank,
+                shard_records=max(1, SHARD_BYTES // fields[0].nbytes),
             )
         return self._open[bucket]
 
-    def close(self) -> None:
-        for writer in self._open.values():
-            writer.close()
+    def close(self, bucket: int | None = None) -> None:
+        """Write out one bucket's last records (every bucket's without `bucket`)."""
+        for key in [bucket] if bucket is not None else list(self._open):
+            writer = self._open.pop(key, None)
+            if writer is not None:
+                writer.close()
 
 
 def _encode_variant(
@@ -124,12 +132,17 @@ def _encode_variant(
         num_workers=config.data.num_workers,
     )
     added = 0
+    current: int | None = None
     for batch in tqdm(loader, desc=f"encoding variant {variant}", disable=writers.rank != 0):
+        bucket = int(batch["bucket"][0])
+        if bucket != current and current is not None:
+            writers.close(current)  # batches come bucket by bucket: this one is done
+        current = bucket
         with torch.no_grad():
             moments = vae_moments(vae, batch["image"].to(vae.device, vae.dtype))
         # The index of each sample loaded (a broken file is replaced by its bucket's next).
         keys = [sample_key(int(i), variant) for i in batch["index"]]
-        added += writers(int(batch["bucket"][0])).add(keys, {FIELD: moments.cpu()})
+        added += writers(bucket).add(keys, {FIELD: moments.cpu()})
     return added
 
 

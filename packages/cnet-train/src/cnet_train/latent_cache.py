@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from cnet_data.errors import CnetError
 from cnet_data.index import DatasetIndex
 from cnet_models.facade import AutoencoderKL
 from cnet_train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 FIELD = "moments"
 ENCODE_HINT = "run `cnet-train encode CONFIG` to (re)build it, or set latents.path to null"
@@ -72,7 +75,7 @@ def fingerprint(
         "dataset": _index_digest(index),
         "buckets": [[b.height, b.width] for b in table.buckets],
         "augment": {
-            "seed": seed,
+            "seed": None if augment.fixed else seed,  # a fixed augmentation draws nothing
             "random_crop": augment.random_crop,
             "flip_probability": augment.flip_probability,
             "resample": augment.resample,
@@ -95,22 +98,27 @@ class LatentCache:
         self.root = root
         self._caches = {b: _open(root, bucket_fingerprint(base, table, b), b) for b in buckets}
 
-    def moments(self, batch: Batch) -> torch.Tensor:
+    def moments(self, batch: Batch) -> torch.Tensor | None:
         """The stored moments of `batch`'s samples (a host batch: reading its indices waits
-        for no device)."""
+        for no device); None, with a warning, when the cache lacks one of them (a file that
+        failed to decode at encode time and was replaced there): the step then encodes the
+        batch itself, so that one rank does not stop while the others wait for it."""
         bucket = int(batch["bucket"][0])  # a sampler's batch is one bucket
         indices = batch["index"].tolist()  # host tensors from the loader: no device sync
         variants = batch["variant"].tolist()
         keys = [sample_key(i, v) for i, v in zip(indices, variants, strict=True)]
         cache = self._caches[bucket]
         try:
-            stored = cache.get_many(keys)[FIELD]
+            return cache.get_many(keys)[FIELD]
         except KeyError as missing:
-            raise LatentCacheError(
-                f"latents.path {self.root}: bucket {bucket} lacks a sample of this batch "
-                f"({missing}); {ENCODE_HINT}"
-            ) from None
-        return stored
+            logger.warning(
+                "latents.path %s: bucket %d lacks a sample of this batch (%s); the VAE encodes "
+                "it in the step. Rerun `cnet-train encode` to complete the cache",
+                self.root,
+                bucket,
+                missing,
+            )
+            return None
 
 
 def _open(root: Path, expected: dict[str, Any], bucket: int) -> EmbeddingCache:
@@ -138,12 +146,14 @@ def _vae_digest(vae: AutoencoderKL) -> str:
     return digest.hexdigest()
 
 
+INDEX_FILES = ("sizes.npy", "images.bin", "images.offsets.npy")
+"""The index's files that say which image each sample is, and its size (read whole: fast)."""
+
+
 def _index_digest(index: DatasetIndex) -> str:
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(np.ascontiguousarray(index.sizes).tobytes())
-    for i in range(len(index)):
-        digest.update(index[i].image.encode())
-        digest.update(b"\0")
+    for name in INDEX_FILES:
+        digest.update((index.directory / name).read_bytes())
     return digest.hexdigest()
 
 

@@ -64,13 +64,13 @@ def check_at_launch(config: TrainConfig) -> TrainConfig:
     the memory plan, and a plan that cannot fit refused before anything loads; elsewhere (the
     CPU has no fixed memory to plan against) `auto` means off."""
     memory = launch_memory(config)
-    if memory is None or not config.trainer.memory_check:
+    if memory is None:
         return auto_off(config)
     world = world_size(config)
     planner = Planner()
     config = settle_auto_checkpointing(config, memory, world, planner)
     plan = planner.plan(config, world)
-    if plan.peak > memory:
+    if plan.peak > memory and config.trainer.memory_check:
         advice = _advice(changes_that_fit(config, memory, world, planner)).strip()
         raise PlanDoesNotFitError(
             f"the memory plan of this run needs {plan.peak / GiB:.2f} GiB per device, more than "

@@ -30,6 +30,7 @@ from typing_extensions import override
 from cnet_data.batch import Batch
 from cnet_data.buckets import BucketTable
 from cnet_data.captions import caption_key_hex
+from cnet_data.dataset import ControlNetDataset
 from cnet_data.embcache import EmbeddingCache
 from cnet_models.controlled import AddedConditioning, ControlledUNet, make_controlnet
 from cnet_models.facade import (
@@ -104,7 +105,12 @@ class ControlNetModule(L.LightningModule):
             self.cache = EmbeddingCache(path, expected_fingerprint=fingerprint)
         datamodule = getattr(trainer, "datamodule", None)
         dataset = getattr(datamodule, "dataset", None)
-        if self.config.latents.path is not None and self.latent_cache is None and dataset:
+        if self.config.latents.path is not None and self.latent_cache is None:
+            if not isinstance(dataset, ControlNetDataset):
+                raise RuntimeError(
+                    "latents.path is set, but the trainer has no cnet data module to check "
+                    "the cache against: fit the module with ControlNetDataModule"
+                )
             self.latent_cache = open_latent_cache(self.config, self.vae, dataset)
 
     @override
@@ -114,6 +120,8 @@ class ControlNetModule(L.LightningModule):
         if self.latent_cache is None:
             return batch
         moments = self.latent_cache.moments(batch)
+        if moments is None:  # not all stored: encoded in the step
+            return batch
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU
             moments = moments.pin_memory()
         return {**batch, "moments": moments}

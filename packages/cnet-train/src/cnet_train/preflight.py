@@ -118,7 +118,7 @@ def _cache_problems(config: TrainConfig, command: Command) -> list[str]:
         return []
     if command == "embed":
         return _writable_problems("cache.path", path)
-    if path.is_dir():
+    if command == "encode" or path.is_dir():  # encode does not read the embeddings
         return []
     return [
         f"cache.path: {path} does not exist; build it first with `cnet-train embed CONFIG`, "
@@ -133,7 +133,7 @@ def _latent_problems(config: TrainConfig, command: Command) -> list[str]:
         return []
     if command == "encode":
         return _writable_problems("latents.path", path)
-    if path.is_dir():
+    if command == "embed" or path.is_dir():  # embed does not read the latents
         return []
     return [
         f"latents.path: {path} does not exist; build it first with `cnet-train encode CONFIG`, "
