@@ -94,16 +94,16 @@ def settle_auto_checkpointing(
     if config.controlnet.unet_gradient_checkpointing != "auto":
         return config
     off = auto_off(config)
-    if planner.plan(off, world).peak <= memory:
+    needed = planner.plan(off, world).peak
+    if needed <= memory:
         return off
-    on = _with_unet_checkpointing(config, True)
     logger.info(
         "UNet gradient checkpointing on: without it the memory plan needs %.2f GiB per device, "
         "more than the %.2f GiB there are",
-        planner.plan(off, world).peak / GiB,
+        needed / GiB,
         memory / GiB,
     )
-    return on
+    return _with_unet_checkpointing(config, True)
 
 
 def _on_off(config: TrainConfig) -> str:

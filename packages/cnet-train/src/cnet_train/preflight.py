@@ -113,31 +113,33 @@ def _layout_problems(source: SourceConfig) -> list[str]:
 
 def _cache_problems(config: TrainConfig, command: Command) -> list[str]:
     """`embed` writes the cache; `launch` reads it, so it must have been built."""
-    path = config.cache.path
-    if path is None:
-        return []
-    if command == "embed":
-        return _writable_problems("cache.path", path)
-    if command == "encode" or path.is_dir():  # encode does not read the embeddings
-        return []
-    return [
-        f"cache.path: {path} does not exist; build it first with `cnet-train embed CONFIG`, "
-        "or set cache.path to null to encode captions in the training step"
-    ]
+    return _built_cache_problems(
+        "cache.path", config.cache.path, command, ("embed", "encode"), "captions"
+    )
 
 
 def _latent_problems(config: TrainConfig, command: Command) -> list[str]:
     """`encode` writes the latent cache; `launch` reads it, so it must have been built."""
-    path = config.latents.path
-    if path is None:
+    return _built_cache_problems(
+        "latents.path", config.latents.path, command, ("encode", "embed"), "images"
+    )
+
+
+def _built_cache_problems(
+    key: str, path: Path | None, command: Command, builders: tuple[Command, Command], what: str
+) -> list[str]:
+    """A cache's folder: writable for the command that builds it (`builders[0]`), present for
+    every command that reads it; the other cache's builder (`builders[1]`) does not read it."""
+    builder, other = builders
+    if path is None or command == other:
         return []
-    if command == "encode":
-        return _writable_problems("latents.path", path)
-    if command == "embed" or path.is_dir():  # embed does not read the latents
+    if command == builder:
+        return _writable_problems(key, path)
+    if path.is_dir():
         return []
     return [
-        f"latents.path: {path} does not exist; build it first with `cnet-train encode CONFIG`, "
-        "or set latents.path to null to encode images in the training step"
+        f"{key}: {path} does not exist; build it first with `cnet-train {builder} CONFIG`, "
+        f"or set {key} to null to encode {what} in the training step"
     ]
 
 
