@@ -371,7 +371,7 @@ def test_literals_list_the_allowed_values() -> None:
     )
     assert "trainer.strategy: 'ddpx' is not one of auto, ddp, deepspeed, fsdp" in problems
     assert "model.family: 'sd3' is not one of sd15, sd21, sdxl" in problems
-    assert "trainer.precision: 16 is not one of 32, bf16-mixed, 16-mixed" in problems
+    assert "trainer.precision: 16 is not one of auto, 32, bf16-mixed, 16-mixed" in problems
 
 
 def test_integer_literal_refuses_true_and_strings() -> None:
@@ -552,7 +552,7 @@ _VALID: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], object]]] = {
         st.sampled_from(["auto", "none"]) | _PATH_TEXT.map("./".__add__),
         _resume,
     ),
-    "trainer.precision": (st.sampled_from(["32", "bf16-mixed", "16-mixed"]), _plain),
+    "trainer.precision": (st.sampled_from(["auto", "32", "bf16-mixed", "16-mixed"]), _plain),
     "trainer.strategy": (st.sampled_from(["auto", "ddp", "deepspeed", "fsdp"]), _plain),
     "trainer.devices": (st.integers(1, 64) | st.just("auto"), _plain),
     "trainer.gradient_clip_val": (st.none() | _POSITIVE, _plain),

@@ -268,3 +268,24 @@ def test_evaluate_names_weights_it_cannot_read(
     assert code == 1
     assert "cnet-train evaluate: error: weights" in err and str(empty) in err
     assert "hint:" in err
+
+
+def test_a_cache_without_the_held_out_captions_is_refused_before_the_first_step(
+    tmp_path: Path,
+) -> None:
+    from cnet_train.config import CacheConfig
+    from cnet_train.embed import embed_captions
+    from cnet_train.errors import CacheIncompleteError
+    from cnet_train.trainer import fit
+
+    config = demo_config(tmp_path / "run", "sd15", steps=1, samples=12)
+    assert config.control_gain.index is not None  # the demo's own held-out set
+    config = attrs.evolve(config, cache=CacheConfig(path=tmp_path / "cache"))
+    without = attrs.evolve(config, control_gain=attrs.evolve(config.control_gain, enabled=False))
+    embed_captions(without)  # the training captions only
+    with pytest.raises(CacheIncompleteError, match=r"lacks \d+ caption\(s\) of control_gain"):
+        fit(config, enable_progress_bar=False)
+    assert not any(config.run_dir.glob("checkpoints/*"))
+    embed_captions(config)  # adds the held-out captions; the run then measures from the cache
+    _, module = fit(config, enable_progress_bar=False)
+    assert module.cache is not None and (config.run_dir / CONTROL_GAIN_CSV).is_file()

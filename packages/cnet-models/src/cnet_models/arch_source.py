@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import nn
 
-from cnet_models.configs import DTYPES, REFERENCE_MODELS, BaseModelConfig, ControlNetConfig
+from cnet_models.configs import REFERENCE_MODELS, BaseModelConfig, ControlNetConfig
 from cnet_models.controlled import make_controlnet, prepare_controlnet
 from cnet_models.facade import (
     AutoencoderKL,
@@ -139,7 +139,7 @@ def meta_networks(
     arch: ArchConfigs, model: BaseModelConfig, controlnet: ControlNetConfig
 ) -> MetaNetworks:
     """Every network of the run on the meta device (no memory), as training sets them up."""
-    dtype = DTYPES.get(model.frozen_dtype, torch.float32)
+    dtype = model.torch_dtype
     with torch.device("meta"):
         unet = checked(
             UNet2DConditionModel.from_config(arch.unet), UNet2DConditionModel, "the UNet"

@@ -14,6 +14,8 @@ import torch
 from cnet_models.families import FamilyName
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
+FrozenDTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+"""A `DTypeName`, or `auto`: what the training run's precision settles it to."""
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -95,8 +97,11 @@ class BaseModelConfig:
     """`sd15`, `sd21` or `sdxl`; detected from the UNet config when not given."""
     vae: str | None = attrs.field(default=None, validator=_non_empty)
     """A separate VAE folder or hub id, e.g. an fp16-safe SDXL VAE."""
-    frozen_dtype: DTypeName = "float32"
-    """dtype of the frozen UNet, VAE and text encoders."""
+    frozen_dtype: FrozenDTypeName = "auto"
+    """dtype of the frozen UNet, VAE and text encoders (the VAE of a family that needs it stays
+    float32 under float16). `auto`: the dtype the run's `trainer.precision` computes in
+    (bfloat16 under bf16-mixed, float16 under 16-mixed, float32 under 32), which a training
+    command settles before loading; loaded outside one, float32."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `source`."""
     variant: str | None = None
@@ -107,6 +112,11 @@ class BaseModelConfig:
     """A single-file `source` only: the diffusers folder or hub id whose component configs,
     tokenizers and scheduler describe it (None: the family's reference model on the hub,
     e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`; offline, it must be in the cache)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The frozen parts' dtype (`auto` not settled by a training command: float32)."""
+        return DTYPES.get(self.frozen_dtype, torch.float32)
 
     @property
     def single_file(self) -> bool:

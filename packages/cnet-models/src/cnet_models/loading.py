@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from cnet_models.configs import DTYPES, BaseModelConfig, looks_local
+from cnet_models.configs import BaseModelConfig, looks_local
 from cnet_models.facade import (
     AutoencoderKL,
     CLIPTokenizer,
@@ -93,7 +93,7 @@ def load_base_model(config: BaseModelConfig) -> BaseModel:
         "local_files_only": config.local_files_only,
     }
     weights = {**common, "variant": config.variant, "use_safetensors": True}
-    dtype = DTYPES[config.frozen_dtype]
+    dtype = config.torch_dtype
     # Loading straight into the target dtype halves peak memory for half precision, and lets
     # diffusers keep the modules it must keep in float32.
     unet = load_unet(config.source, "unet", **weights, **diffusers_dtype(dtype))
@@ -118,7 +118,7 @@ def _load_single_file(config: BaseModelConfig) -> BaseModel:
     family = family_by_name(family_name)
     described = attrs.evolve(config, family=family_name).described_by
     common: dict[str, Any] = {"local_files_only": config.local_files_only}
-    dtype = DTYPES[config.frozen_dtype]
+    dtype = config.torch_dtype
     pipe = pipeline_from_single_file(
         family.pipeline, path, described, dtype=dtype, local_files_only=config.local_files_only
     )

@@ -27,6 +27,8 @@ from cnet_train.loggers import LoggerConfig
 from cnet_train.resume_setting import ResumeSetting, parse_resume
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
+PrecisionSetting = Literal["auto", "32", "bf16-mixed", "16-mixed"]
+"""A `Precision`, or `auto`: settled for the machine (`cnet_train.precision_auto`)."""
 StrategyName = Literal["auto", "ddp", "deepspeed", "fsdp"]
 ScheduleName = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -324,11 +326,13 @@ class TrainerConfig:
 
     max_steps: int = attrs.field(default=10_000, validator=_positive)
     """Optimizer steps to train for."""
-    precision: Precision = "bf16-mixed"
+    precision: PrecisionSetting = "auto"
     """Autocast precision of the trainable forward (the ControlNet's weights, its EMA and its
     exports stay float32 under every strategy; the frozen encoders run in their own dtype,
     outside autocast). `16-mixed` (with loss scaling) is for GPUs without bfloat16 and is not
-    available with `strategy: deepspeed`."""
+    available with `strategy: deepspeed`. `auto`: `bf16-mixed` on a CUDA GPU with bfloat16,
+    `16-mixed` on an older one (`32` there under DeepSpeed), `32` on the CPU (where bf16-mixed
+    measured 17-35% slower per step); the run's resolved config records what it settled to."""
     strategy: StrategyName = "auto"
     """`auto` (one device), `ddp`, `deepspeed` or `fsdp` (FSDP2 through Lightning)."""
     deepspeed_stage: Literal[2, 3] = 2

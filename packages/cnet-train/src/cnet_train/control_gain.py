@@ -171,6 +171,18 @@ def held_out_batches(
     ]
 
 
+def uncached_held_out(config: TrainConfig, cache: EmbeddingCache) -> list[str]:
+    """Captions of the control gain's own held-out index (`control_gain.index`) that `cache`
+    lacks; the training index's are in it by construction (`cnet-train embed`)."""
+    from cnet_data.captions import caption_key
+
+    if config.control_gain.index is None:
+        return []
+    index = DatasetIndex(config.control_gain.index)
+    captions = dict.fromkeys(index.caption(i) for i in range(len(index)))
+    return [c for c in captions if caption_key(c) not in cache]
+
+
 def choose_samples(bucket_ids: npt.NDArray[np.int64], count: int) -> list[int]:
     """`count` indices spread over the dataset by a fixed permutation, plus, for a bucket
     chosen only once, its next sample in that order (its partner of the same size)."""

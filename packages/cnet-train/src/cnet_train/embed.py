@@ -25,6 +25,7 @@ from cnet_models.loading import load_base_model
 from cnet_models.text import PromptEncoder
 from cnet_train.config import TrainConfig
 from cnet_train.data import ensure_index
+from cnet_train.precision_auto import settle_here
 
 
 def cache_fields(encoder: PromptEncoder) -> list[FieldSpec]:
@@ -40,6 +41,7 @@ def cache_fields(encoder: PromptEncoder) -> list[FieldSpec]:
 
 def embed_captions(config: TrainConfig) -> int:
     """Encode every caption not yet in the cache; returns how many this rank added."""
+    config = settle_here(config)  # the dtype the run on this machine reads the cache in
     if config.cache.path is None:
         raise ValueError("cache.path is not set: say where the embedding cache goes")
     rank, world = rank_and_world()
@@ -61,7 +63,7 @@ def embed_captions(config: TrainConfig) -> int:
     )
     added = 0
     with writer:
-        for captions in _batches(index, rank, world, config.cache.batch_size):
+        for captions in _batches(_captions(config, index), rank, world, config.cache.batch_size):
             missing = set(writer.missing([caption_key(c) for c in captions]))
             todo = list(dict.fromkeys(c for c in captions if caption_key(c) in missing))
             if todo:
@@ -76,12 +78,23 @@ def embed_captions(config: TrainConfig) -> int:
     return added
 
 
-def _batches(index: DatasetIndex, rank: int, world: int, size: int) -> Iterator[list[str]]:
+def _captions(config: TrainConfig, index: DatasetIndex) -> list[str]:
+    """The captions a run reads from the cache: the training index's, then those of the
+    control gain's own held-out index (measured with cached embeddings too)."""
+    captions = [index.caption(i) for i in range(len(index))]
+    held_out = config.control_gain.index
+    if config.control_gain.enabled and held_out is not None:
+        extra = DatasetIndex(held_out)
+        captions.extend(extra.caption(i) for i in range(len(extra)))
+    return captions
+
+
+def _batches(captions: list[str], rank: int, world: int, size: int) -> Iterator[list[str]]:
     """This rank's share of the captions (the empty prompt on rank 0), with a progress bar."""
-    mine = range(rank, len(index), world)
+    mine = range(rank, len(captions), world)
     batch: list[str] = [""] if rank == 0 else []
     for i in tqdm(mine, desc=f"embedding (rank {rank})", unit="caption", disable=rank != 0):
-        batch.append(index.caption(i))
+        batch.append(captions[i])
         if len(batch) >= size:
             yield batch
             batch = []

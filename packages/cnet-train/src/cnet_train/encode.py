@@ -36,6 +36,7 @@ from cnet_train.latent_cache import (
     sample_key,
     variant_count,
 )
+from cnet_train.precision_auto import settle_here
 
 SHARD_BYTES = 256 * 2**20
 """Records a bucket's writer holds before it writes a shard (SDXL at 1024 px: 512 of 512 KiB)."""
@@ -47,6 +48,8 @@ def encode_latents(config: TrainConfig, vae: AutoencoderKL | None = None) -> int
     root = config.latents.path
     if root is None:
         raise ValueError("latents.path is not set: say where the latent cache goes")
+    # The VAE's dtype the run on this machine encodes in (a `vae` given brings its own).
+    config = settle_here(config, frozen=None if vae is None else vae.dtype)
     rank, world = rank_and_world()
     data = ControlNetDataModule(config)
     if rank == 0:

@@ -47,3 +47,7 @@ class WriteFailedError(CnetError):
 
 class ResumeMismatchError(CnetError):
     """The ranks of one job do not see the same checkpoint to resume from."""
+
+
+class CacheIncompleteError(CnetError):
+    """The embedding cache lacks captions the run will read from it."""

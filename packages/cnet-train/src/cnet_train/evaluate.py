@@ -28,6 +28,7 @@ from cnet_train.control_gain import (
     held_out_batches,
     measure_control_gain,
 )
+from cnet_train.precision_auto import settle_here
 
 EXPORT_NAMES = ("controlnet", "controlnet_ema")
 """The ControlNet folders of an export step folder, in report order."""
@@ -76,6 +77,7 @@ def evaluate(config: TrainConfig, weights: Path) -> dict[str, ControlGain]:
     from cnet_train.module import ControlNetModule
 
     controlnets = load_weights(weights)
+    config = settle_here(config)
     module = ControlNetModule(config)
     module.setup("validate")  # opens the embedding cache, if the config has one
     device = _device(config)

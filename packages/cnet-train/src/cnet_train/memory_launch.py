@@ -11,6 +11,7 @@ from cnet_data.errors import CnetError
 from cnet_train.config import TrainConfig
 from cnet_train.memory_fix import changes_that_fit, parse_memory, report
 from cnet_train.memory_plan import GiB, Planner
+from cnet_train.precision_auto import GpuKind, local_gpu, settle_precision, settled_lines
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,18 @@ def plan_command(config: TrainConfig, memory_text: str | None, devices: int | No
     memory = parse_memory(memory_text) if memory_text is not None else device_memory()
     world = devices if devices is not None else world_size(config)
     planner = Planner()
+    # The plan is of a GPU run: this machine's GPU, or (without one) a bfloat16 GPU.
+    gpu = local_gpu(config.trainer)
+    unsettled, config = config, settle_precision(config, gpu or "bf16")
     if memory is None:
         print(report(planner.plan(config, world), memory, world))
+        _print_settled(unsettled, config, gpu)
         print("  no GPU here: give --memory (e.g. --memory 80GiB) to check a fit")
         return 0
     settled = settle_auto_checkpointing(config, memory, world, planner)
     plan = planner.plan(settled, world)
     print(report(plan, memory, world))
+    _print_settled(unsettled, config, gpu)
     if (
         settled.controlnet.unet_gradient_checkpointing
         is not config.controlnet.unet_gradient_checkpointing
@@ -57,6 +63,12 @@ def plan_command(config: TrainConfig, memory_text: str | None, devices: int | No
         return 0
     print(_advice(changes_that_fit(config, memory, world, planner)))
     return 1
+
+
+def _print_settled(config: TrainConfig, settled: TrainConfig, gpu: GpuKind | None) -> None:
+    where = "on this machine's GPU" if gpu else "for a bfloat16 GPU (this machine has none)"
+    for line in settled_lines(config, settled):
+        print(f"  {line} {where}")
 
 
 def check_at_launch(config: TrainConfig) -> TrainConfig:

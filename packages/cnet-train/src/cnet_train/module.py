@@ -48,6 +48,7 @@ from cnet_train.data import run_buckets
 from cnet_train.host_side import dropout_draws, to_device
 from cnet_train.latent_cache import LatentCache, open_latent_cache
 from cnet_train.optim import build_optimizer, build_scheduler
+from cnet_train.precision_auto import settle_here
 from cnet_train.resume_check import check_resume, record_run
 
 _EMPTY_KEY = caption_key_hex("")
@@ -60,6 +61,8 @@ class ControlNetModule(L.LightningModule):
 
     def __init__(self, config: TrainConfig, base: BaseModel | None = None) -> None:
         super().__init__()
+        # `fit` settles `auto` before; a module made on its own settles here, for this machine.
+        config = settle_here(config, frozen=None if base is None else base.unet.dtype)
         self.config = config
         base = base if base is not None else load_base_model(config.model)
         self.family = base.family

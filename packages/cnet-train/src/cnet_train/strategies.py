@@ -109,6 +109,8 @@ def lightning_precision(config: TrainerConfig) -> str:
     """The precision Lightning runs with. Under DeepSpeed "32-true": DeepSpeed's own bf16 mode
     casts the whole module and keeps the float32 master in its optimizer; cnet's autocast keeps
     the weights float32 instead (bf16 needs no loss scaling, and 16-mixed is refused there)."""
+    if config.precision == "auto":
+        raise ValueError("trainer.precision is auto: settle it first (cnet_train.precision_auto)")
     if config.strategy == "deepspeed":
         return "32-true"
     return _LIGHTNING_PRECISION[config.precision]

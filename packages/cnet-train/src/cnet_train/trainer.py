@@ -30,6 +30,7 @@ from cnet_train.finishing import resume_finishes_the_run
 from cnet_train.loggers import build_logger
 from cnet_train.memory_launch import auto_off, check_at_launch
 from cnet_train.module import ControlNetModule
+from cnet_train.precision_auto import settle_here
 from cnet_train.quiet import silence_expected_notices
 from cnet_train.resume import ResumeAgreement, checkpoint_dir, resume_path
 from cnet_train.strategies import build_strategy, lightning_precision
@@ -135,6 +136,7 @@ def fit(
     `base` replaces loading `config.model` (a model built in memory, e.g. full-size random
     weights for a benchmark)."""
     # Before anything is written or loaded. A `base` built in memory has no config to plan from.
+    config = settle_here(config, frozen=None if base is None else base.unet.dtype)
     config = check_at_launch(config) if base is None else auto_off(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     config.run_dir.mkdir(parents=True, exist_ok=True)

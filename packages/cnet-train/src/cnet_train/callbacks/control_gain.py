@@ -23,7 +23,9 @@ from cnet_train.control_gain import (
     format_gain_line,
     held_out_batches,
     measure_control_gain,
+    uncached_held_out,
 )
+from cnet_train.errors import CacheIncompleteError
 from cnet_train.module import ControlNetModule
 
 
@@ -45,7 +47,18 @@ class ControlGainCallback(AfterBatch):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and trainer.is_global_zero:
+        if not self.enabled:
+            return
+        cache = pl_module.cache if isinstance(pl_module, ControlNetModule) else None
+        # Found now, not by a KeyError at the end of the run (every rank sees the same cache).
+        if cache is not None and (missing := uncached_held_out(self.config, cache)):
+            raise CacheIncompleteError(
+                f"the embedding cache {cache.directory} lacks {len(missing)} caption(s) of "
+                f"control_gain.index {self.config.control_gain.index} (e.g. {missing[0]!r}): "
+                "run `cnet-train embed CONFIG` again to add them (it skips what is cached), or "
+                "set control_gain.enabled=false"
+            )
+        if trainer.is_global_zero:
             self.table.truncate_after(trainer.global_step)
 
     @override
