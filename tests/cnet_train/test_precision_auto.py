@@ -127,3 +127,17 @@ def test_the_plan_of_auto_is_the_plan_of_a_bfloat16_gpu_run(
     bf16 = ["trainer.precision=bf16-mixed", "model.frozen_dtype=bfloat16"]
     expected = Planner().plan(with_overrides(config, bf16), 1).peak
     assert f"{expected / GiB:.2f} GiB" in out
+
+
+def test_a_cache_of_another_dtype_is_refused_with_the_setting_that_reads_it(
+    make_config: MakeConfig,
+) -> None:
+    from cnet_data.embcache import CacheMismatchError
+
+    config = make_config("sd15")  # float32 frozen parts
+    config = attrs.evolve(config, cache=CacheConfig(path=config.run_dir.parent / "cache"))
+    embed_captions(config)
+    half = with_overrides(config, ["trainer.precision=bf16-mixed", "model.frozen_dtype=auto"])
+    module = ControlNetModule(half)
+    with pytest.raises(CacheMismatchError, match=r"set model\.frozen_dtype to the cache's dtype"):
+        module.setup("fit")

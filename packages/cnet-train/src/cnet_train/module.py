@@ -48,7 +48,7 @@ from cnet_train.data import run_buckets
 from cnet_train.host_side import dropout_draws, to_device
 from cnet_train.latent_cache import LatentCache, open_latent_cache
 from cnet_train.optim import build_optimizer, build_scheduler
-from cnet_train.precision_auto import settle_here
+from cnet_train.precision_auto import dtype_hint, settle_here
 from cnet_train.resume_check import check_resume, record_run
 
 _EMPTY_KEY = caption_key_hex("")
@@ -103,9 +103,13 @@ class ControlNetModule(L.LightningModule):
         if trainer is not None:
             self.base.to_device(trainer.strategy.root_device)
         path = self.config.cache.path
-        if path is not None and self.cache is None:
-            fingerprint = self.prompt_encoder.fingerprint(self.config.model.source)
-            self.cache = EmbeddingCache(path, expected_fingerprint=fingerprint)
+        with dtype_hint():
+            if path is not None and self.cache is None:
+                fingerprint = self.prompt_encoder.fingerprint(self.config.model.source)
+                self.cache = EmbeddingCache(path, expected_fingerprint=fingerprint)
+            self._open_latent_cache(trainer)
+
+    def _open_latent_cache(self, trainer: L.Trainer | None) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         dataset = getattr(datamodule, "dataset", None)
         if self.config.latents.path is not None and self.latent_cache is None:

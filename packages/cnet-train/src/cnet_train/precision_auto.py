@@ -15,11 +15,14 @@ Every command that loads the base model settles the config first (training, `emb
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import attrs
 import torch
 
+from cnet_data.embcache import CacheMismatchError
 from cnet_models.configs import DTypeName
 from cnet_train.config import Precision, TrainConfig, TrainerConfig
 
@@ -97,3 +100,20 @@ def settled_lines(config: TrainConfig, settled: TrainConfig) -> list[str]:
         ("model.frozen_dtype", config.model.frozen_dtype, settled.model.frozen_dtype),
     )
     return [f"{key}: auto -> {new}" for key, old, new in pairs if old != new]
+
+
+@contextmanager
+def dtype_hint() -> Iterator[None]:
+    """A cache refused for its dtype also says where the dtype comes from: a cache built with
+    another `model.frozen_dtype` (or where `auto` settled otherwise, e.g. on the CPU for a GPU
+    run) is read by setting the dtype it was built with."""
+    try:
+        yield
+    except CacheMismatchError as error:
+        if "dtype" not in str(error):
+            raise
+        raise CacheMismatchError(
+            f"{error}. The dtype is model.frozen_dtype's (auto: the one trainer.precision "
+            "computes in, settled per machine): set model.frozen_dtype to the cache's dtype "
+            "to read it as it is"
+        ) from None
