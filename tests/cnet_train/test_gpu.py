@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import lightning as L
 import pytest
 import torch
@@ -115,3 +116,38 @@ def test_the_launch_plans_against_the_real_device(make_config: MakeConfig) -> No
     assert Planner().plan(settled).peak < memory
     trainer, _ = fit(config, **QUIET)  # and the launch itself goes through the same check
     assert trainer.global_step == config.trainer.max_steps
+
+
+class EncoderPlaces(AfterBatch):
+    """Where the text encoders sit during the training steps."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+
+    @override
+    def after_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
+    ) -> None:
+        for encoder in pl_module.base.text_encoders:  # type: ignore[union-attr]
+            self.devices.add(next(encoder.parameters()).device.type)
+
+
+def test_auto_precision_and_released_text_encoders_on_a_gpu(make_config: MakeConfig) -> None:
+    from cnet_train.config import CacheConfig
+    from cnet_train.embed import embed_captions
+
+    config = make_config("sdxl", steps=2)  # the demo validates at the end
+    gpu = ["trainer.accelerator=gpu", "trainer.devices=1"]
+    config = with_overrides(config, [*gpu, "trainer.precision=auto", "model.frozen_dtype=auto"])
+    config = attrs.evolve(config, cache=CacheConfig(path=config.run_dir.parent / "cache"))
+    embed_captions(config)
+    places = EncoderPlaces()
+    trainer, module = fit(config, [places], **QUIET)
+    assert trainer.global_step == 2
+    expected = (
+        "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+    )
+    assert module.config.trainer.precision == expected
+    assert module.unet.dtype != torch.float32
+    assert places.devices == {"cpu"}  # released: the step reads the cache
+    assert any((config.run_dir / "validation").glob("*.png"))  # rendered with them visiting

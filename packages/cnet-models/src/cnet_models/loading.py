@@ -10,6 +10,8 @@ is named.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +79,29 @@ class BaseModel:
         """The UNet, the VAE and the text encoders: every module with weights."""
         return (self.unet, self.vae, *self.text_encoders)
 
-    def to_device(self, device: torch.device) -> None:
-        """Move every frozen part to `device`, each keeping its own dtype."""
-        for part in self.frozen_modules():
+    def to_device(self, device: torch.device, *, text_encoders: bool = True) -> None:
+        """Move every frozen part to `device`, each keeping its own dtype; with
+        `text_encoders=False` the text encoders go to (or stay on) the CPU instead: a run that
+        reads its embeddings from a cache needs them only to render, now and then."""
+        image_parts: tuple[torch.nn.Module, ...] = (self.unet, self.vae)
+        for part in image_parts:  # as Modules: diffusers' `to` wrapper is not callable for mypy
             part.to(device)
+        for encoder in self.text_encoders:
+            module: torch.nn.Module = encoder  # transformers' `to` is typed in a way mypy rejects
+            module.to(device if text_encoders else torch.device("cpu"))
+
+    @contextmanager
+    def text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """The text encoders on `device` for the duration, then back where each was."""
+        modules: list[torch.nn.Module] = list(self.text_encoders)
+        homes = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module, home in zip(modules, homes, strict=True):
+                module.to(home)
 
 
 def load_base_model(config: BaseModelConfig) -> BaseModel:

@@ -81,7 +81,7 @@ def evaluate(config: TrainConfig, weights: Path) -> dict[str, ControlGain]:
     module = ControlNetModule(config)
     module.setup("validate")  # opens the embedding cache, if the config has one
     device = _device(config)
-    module.base.to_device(device)
+    module.base.to_device(device, text_encoders=module.cache is None)
     batches = held_out_batches(config)
     settings = config.control_gain
     results = {}

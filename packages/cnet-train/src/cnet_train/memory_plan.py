@@ -168,9 +168,11 @@ def _plan(
     optimizer = optimizer_bytes(nets.controlnet, config.optimizer.name)
     ema = weights if config.ema.enabled and config.ema.config.device == "same" else 0
     gradients = weights
-    # The module keeps every frozen part on the device, caches or not: validation renders
-    # with the text encoders and the VAE.
-    encoders = sum(nbytes(e) for e in nets.text_encoders)
+    # With an embedding cache the text encoders wait on the CPU: validation brings them over
+    # to render between steps, when the step's activations are freed. The VAE stays (it
+    # decodes the renders, and encodes a batch a latent cache lacks).
+    cached = config.cache.path is not None
+    encoders = 0 if cached else sum(nbytes(e) for e in nets.text_encoders)
     frozen = nbytes(nets.unet) + nbytes(nets.vae) + encoders
     if trainer.strategy == "fsdp":
         # FSDP2: weights, gradients, moments and the EMA's shadow are this rank's shards.

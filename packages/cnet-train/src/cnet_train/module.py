@@ -100,14 +100,16 @@ class ControlNetModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The strategy moves only the registered ControlNet; the frozen parts follow here.
         trainer = self._trainer
-        if trainer is not None:
-            self.base.to_device(trainer.strategy.root_device)
         path = self.config.cache.path
         with dtype_hint():
             if path is not None and self.cache is None:
                 fingerprint = self.prompt_encoder.fingerprint(self.config.model.source)
                 self.cache = EmbeddingCache(path, expected_fingerprint=fingerprint)
             self._open_latent_cache(trainer)
+        if trainer is not None:
+            # With the embedding cache open, the step never runs the text encoders: they stay
+            # on the CPU (SDXL's two hold 1.6 GB in bfloat16) and visit the device to render.
+            self.base.to_device(trainer.strategy.root_device, text_encoders=self.cache is None)
 
     def _open_latent_cache(self, trainer: L.Trainer | None) -> None:
         datamodule = getattr(trainer, "datamodule", None)

@@ -85,22 +85,8 @@ class ValidationCallback(AfterBatch):
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
         try:
-            pipe = controlnet_pipeline(
-                pl_module.base, pl_module.controlnet, zeros=pl_module.zero_unconditional
-            )
-            # The ControlNet is float32, the frozen parts may be half precision: autocast to
-            # the UNet's dtype lets both meet, as the dtype-matched pipeline would at inference.
-            half = pl_module.unet.dtype != torch.float32
-            with torch.autocast(pl_module.device.type, dtype=pl_module.unet.dtype, enabled=half):
-                images = generate(
-                    pipe,
-                    [self.config.prompts[i] for i in mine],
-                    controls,
-                    sizes=[im.size for im in controls],
-                    steps=self.config.num_inference_steps,
-                    guidance_scale=self.config.guidance_scale,
-                    seeds=[self.config.seed + i for i in mine],
-                )
+            with pl_module.base.text_encoders_on(pl_module.device):
+                images = self._render(pl_module, mine, controls)
         finally:
             pl_module.controlnet.train(was_training)
         rendered = _gather([(i, np.asarray(im)) for i, im in zip(own, images, strict=False)])
@@ -117,6 +103,24 @@ class ValidationCallback(AfterBatch):
         log_image(trainer, "validation", grid, trainer.global_step)
         say(f"validation at step {trainer.global_step}: {count} images -> {path}")
         return path
+
+    def _render(
+        self, module: ControlNetModule, mine: list[int], controls: list[Image.Image]
+    ) -> list[Image.Image]:
+        pipe = controlnet_pipeline(module.base, module.controlnet, zeros=module.zero_unconditional)
+        # The ControlNet is float32, the frozen parts may be half precision: autocast to the
+        # UNet's dtype lets both meet, as the dtype-matched pipeline would at inference.
+        half = module.unet.dtype != torch.float32
+        with torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
+            return generate(
+                pipe,
+                [self.config.prompts[i] for i in mine],
+                controls,
+                sizes=[im.size for im in controls],
+                steps=self.config.num_inference_steps,
+                guidance_scale=self.config.guidance_scale,
+                seeds=[self.config.seed + i for i in mine],
+            )
 
     def _control(self, i: int) -> Image.Image:
         """Conditioning image `i` centre-cropped and resized to its bucket: what the pipeline
