@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import torch
 
+from cnet_data.dataset import AugmentConfig
 from cnet_train.callbacks.ema import EMACallback
 from cnet_train.callbacks.history import LossHistory
 from cnet_train.config import CheckpointConfig, TrainConfig, ValidationConfig
@@ -70,15 +72,19 @@ def test_resume_mid_epoch_is_bitwise_exact(make_config: MakeConfig, tmp_path: Pa
     ) or any(not torch.equal(first["weights"][k], resumed["weights"][k]) for k in first["weights"])
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "persistent-workers"])
 def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(
-    make_config: MakeConfig, tmp_path: Path
+    make_config: MakeConfig, tmp_path: Path, workers: int
 ) -> None:
     # 6 steps an epoch: the checkpoint at step 6 is the epoch's last batch; the run ends in
-    # the third epoch, so the epoch numbering after the resume is checked too.
+    # the third epoch, so the epoch numbering after the resume is checked too. With workers,
+    # which persist over the epochs, each epoch must still draw its own flips.
     base = make_config(
         "sd15",
         steps=14,
         data_batch_size=2,
+        data_num_workers=workers,
+        data_augment=AugmentConfig(flip_probability=0.5),
         validation=ValidationConfig(),
         checkpoint=CheckpointConfig(every_n_steps=6, keep_last=3, resume="auto"),
     )

@@ -11,6 +11,8 @@ from .buckets import merge_small_buckets as merge_small_buckets
 from .captions import caption_key as caption_key
 from .dataset import AugmentConfig as AugmentConfig
 from .dataset import ControlNetDataset as ControlNetDataset
+from .dataset import SampleKey as SampleKey
+from .epoch_tagged import EpochTagged as EpochTagged
 from .geometry import CropPlan as CropPlan
 from .geometry import plan_crop as plan_crop
 from .index import DatasetIndex as DatasetIndex

@@ -25,10 +25,15 @@ from cnet_data.geometry import CropPlan, plan_crop
 from cnet_data.imageio import DEFAULT_MAX_PIXELS, allow_pixels, load_cropped
 from cnet_data.index import DatasetIndex
 
-__all__ = ["AugmentConfig", "ControlNetDataset", "Sample"]
+__all__ = ["AugmentConfig", "ControlNetDataset", "Sample", "SampleKey"]
 """`Sample` lives in `cnet_data.batch` with `Batch`; it stays importable from here."""
 
 logger = logging.getLogger(__name__)
+
+SampleKey = int | tuple[int, int]
+"""A sample's index, or (index, epoch): the epoch its crop and flip are drawn for, carried with
+the index to a loader's persistent workers (their copies of the dataset never see a later
+`set_epoch`; `EpochTagged` tags a batch sampler's indices so)."""
 
 _MAX_REPLACEMENTS = 16
 
@@ -119,11 +124,12 @@ class ControlNetDataset(Dataset[Sample]):
         return len(self.index)
 
     @override
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, key: SampleKey) -> Sample:
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         candidate = i
         for _ in range(_MAX_REPLACEMENTS):
             try:
-                return self._load(candidate)
+                return self._load(candidate, epoch)
             except Exception as exc:  # whatever one broken file raises must not end the run
                 self._note_failure(candidate, exc)
             candidate = self._next_in_bucket(candidate)
@@ -135,28 +141,33 @@ class ControlNetDataset(Dataset[Sample]):
 
     @property
     def variant(self) -> int:
-        """The augmentation variant the current epoch draws: the epoch itself when every epoch
+        """The augmentation variant the current epoch draws (`variant_of`)."""
+        return self.variant_of(self.epoch)
+
+    def variant_of(self, epoch: int) -> int:
+        """The augmentation variant epoch `epoch` draws: the epoch itself when every epoch
         draws afresh; 0 when nothing is drawn (validation, fixed augmentation)."""
         if not self.train or self.augment.fixed:
             return 0
-        return self.epoch % self.augment.variants if self.augment.variants else self.epoch
+        return epoch % self.augment.variants if self.augment.variants else epoch
 
-    def plan(self, i: int) -> CropPlan:
-        """The crop plan of sample `i` in the current epoch."""
+    def plan(self, i: int, epoch: int | None = None) -> CropPlan:
+        """The crop plan of sample `i` in epoch `epoch` (None: the current one)."""
         bucket = self.table[int(self.bucket_ids[i])]
         h, w = (int(v) for v in self.index.sizes[i])
         if not self.train:
             return plan_crop((h, w), bucket, rng=None)
-        rng = np.random.default_rng([self.seed, self.variant, i])
+        variant = self.variant_of(self.epoch if epoch is None else epoch)
+        rng = np.random.default_rng([self.seed, variant, i])
         plan = plan_crop((h, w), bucket, rng=rng, flip_probability=self.augment.flip_probability)
         if not self.augment.random_crop:
             centred = plan_crop((h, w), bucket, rng=None)
             plan = attrs.evolve(centred, flip=plan.flip)
         return plan
 
-    def _load(self, i: int) -> Sample:
+    def _load(self, i: int, epoch: int) -> Sample:
         entry = self.index[i]
-        plan = self.plan(i)
+        plan = self.plan(i, epoch)
         image = _to_tensor(self._load_member(entry.image, plan))
         cond = _to_tensor(self._load_member(entry.conditioning, plan))
         return Sample(
@@ -169,7 +180,7 @@ class ControlNetDataset(Dataset[Sample]):
             target_size=torch.tensor(plan.target_size, dtype=torch.int64),
             bucket=int(self.bucket_ids[i]),
             index=i,
-            variant=self.variant,
+            variant=self.variant_of(epoch),
         )
 
     def _load_member(self, reference: str, plan: CropPlan) -> Image.Image:

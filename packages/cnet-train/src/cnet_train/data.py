@@ -25,6 +25,7 @@ from typing_extensions import override
 from cnet_data.batch import collate_samples
 from cnet_data.buckets import BucketTable
 from cnet_data.dataset import ControlNetDataset
+from cnet_data.epoch_tagged import EpochTagged
 from cnet_data.index import INDEX_OWNERSHIP, DatasetIndex, is_older_index
 from cnet_data.outdir import claim_directory
 from cnet_data.run_config import ResolvedBuckets
@@ -127,13 +128,16 @@ class ControlNetDataModule(L.LightningDataModule):
         workers = data.num_workers
         return DataLoader(
             self.dataset,
-            batch_sampler=self.sampler,
+            # The epoch travels with the indices: persistent workers never see a set_epoch.
+            batch_sampler=EpochTagged(self.sampler),
             collate_fn=collate_samples,
             num_workers=workers,
             pin_memory=data.pin_memory and self._on_gpu(),
             prefetch_factor=data.prefetch_factor if workers else None,
-            # Fresh workers each epoch carry the dataset's current epoch (its crops depend on it).
-            persistent_workers=False,
+            # Workers (each with its decoders, file handles and the index's mapped columns)
+            # start once per run, not at every epoch: short epochs of large buckets would
+            # otherwise wait for workers to start at every epoch boundary.
+            persistent_workers=workers > 0,
         )
 
     def _on_gpu(self) -> bool:
