@@ -39,6 +39,9 @@ class Record(AfterBatch):
         self.conv_dtypes: dict[str, set[str]] = {"vae": set(), "controlnet": set()}
         """The output dtypes of the VAE's and the ControlNet's convolutions in training
         forwards (batch start to backward: validation renders are not counted)."""
+        self.controlnet_weights: set[str] = set()
+        """The dtypes of the ControlNet's convolution weights as its training forwards see
+        them (FSDP2 gathers them in its mixed-precision policy's dtype)."""
         self.recording = False
 
     @override
@@ -53,6 +56,9 @@ class Record(AfterBatch):
         def record(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             if self.recording:
                 self.conv_dtypes[part].add(str(output.dtype).removeprefix("torch."))
+                if part == "controlnet":
+                    weight = _module.weight
+                    self.controlnet_weights.add(str(weight.dtype).removeprefix("torch."))
 
         return record
 
@@ -89,6 +95,7 @@ def main(config_path: Path, out: Path, kill_at: int | None) -> None:
         "steps": record.steps,
         "buckets": record.buckets,
         "conv_dtypes": {part: sorted(seen) for part, seen in record.conv_dtypes.items()},
+        "controlnet_weights": sorted(record.controlnet_weights),
     }
     (out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
 

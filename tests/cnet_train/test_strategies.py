@@ -199,6 +199,10 @@ def _end_to_end(
     assert ranks[0]["buckets"] == ranks[1]["buckets"]  # every step, one bucket on both ranks
     for rank in ranks:  # autocast on for the ControlNet, off for the float32 VAE, everywhere
         assert rank["conv_dtypes"] == {"vae": ["float32"], "controlnet": ["bfloat16"]}
+        # FSDP2 gathers the shards in bfloat16 (its mixed-precision policy); the others keep
+        # the float32 weights and let autocast cast them per convolution.
+        gathered = "bfloat16" if strategy == "fsdp" else "float32"
+        assert rank["controlnet_weights"] == [gathered]
 
     _launch(run_ranks, interrupted, tmp_path / "interrupted", kill_at=CHECKPOINT_AT)
     checkpoint = interrupted.run_dir / "checkpoints" / f"step-{CHECKPOINT_AT:08d}.ckpt"

@@ -195,13 +195,20 @@ class ControlNetModule(L.LightningModule):
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer.strategy: fsdp)
         if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # FSDP2: shard the trainable ControlNet block by block; the frozen parts stay whole.
-        dp_mesh = mesh["data_parallel"]
+        # Under a mixed precision the shards are gathered in the half dtype autocast computes
+        # in anyway (half the traffic, and half the memory of the gathered copy); gradients
+        # are reduced in float32, and the sharded weights the optimizer steps stay float32.
+        half = _AUTOCAST_DTYPES.get(self.config.trainer.precision)
+        policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+        options: dict[str, Any] = {"mesh": mesh["data_parallel"]}
+        if half is not None:
+            options["mp_policy"] = policy
         for block in [*self.controlnet.down_blocks, self.controlnet.mid_block]:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(self.controlnet, mesh=dp_mesh)
+            fully_shard(block, **options)
+        fully_shard(self.controlnet, **options)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
