@@ -583,7 +583,8 @@ def test_valid_overrides_round_trip_through_dump_and_load(
     chosen: dict[str, Any], images: list[str]
 ) -> None:
     pair = (chosen.get("trainer.strategy"), chosen.get("trainer.precision"))
-    assume(pair != ("deepspeed", "16-mixed"))  # the one refused pair, tested on its own
+    # The refused pairs, tested on their own.
+    assume(pair not in {("deepspeed", "16-mixed"), ("fsdp", "16-mixed")})
     if "validation.prompts" in chosen:
         chosen["validation.images"] = images[: len(chosen["validation.prompts"])]
     overrides = [_as_override(key, value) for key, value in chosen.items()]
@@ -599,12 +600,13 @@ def test_valid_overrides_round_trip_through_dump_and_load(
         assert load_config(written) == config
 
 
-def test_deepspeed_refuses_16_mixed() -> None:
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_deepspeed_and_fsdp_refuse_16_mixed(strategy: str) -> None:
     (problem,) = _problems(
-        _minimal_with({"trainer": {"strategy": "deepspeed", "precision": "16-mixed"}})
+        _minimal_with({"trainer": {"strategy": strategy, "precision": "16-mixed"}})
     )
-    assert "16-mixed is not available with trainer.strategy deepspeed" in problem
-    assert "use bf16-mixed" in problem
+    assert f"16-mixed is not available with trainer.strategy {strategy}" in problem
+    assert "use bf16-mixed (or 32), or strategy ddp for 16-mixed" in problem
 
 
 # --- values: finite and in range, every problem named by its key

@@ -281,11 +281,14 @@ def test_a_cache_without_the_held_out_captions_is_refused_before_the_first_step(
     config = demo_config(tmp_path / "run", "sd15", steps=1, samples=12)
     assert config.control_gain.index is not None  # the demo's own held-out set
     config = attrs.evolve(config, cache=CacheConfig(path=tmp_path / "cache"))
-    without = attrs.evolve(config, control_gain=attrs.evolve(config.control_gain, enabled=False))
+    without = attrs.evolve(config, control_gain=attrs.evolve(config.control_gain, index=None))
     embed_captions(without)  # the training captions only
     with pytest.raises(CacheIncompleteError, match=r"lacks \d+ caption\(s\) of control_gain"):
         fit(config, enable_progress_bar=False)
     assert not any(config.run_dir.glob("checkpoints/*"))
+    # A run that never measures the gain (no validation) does not need them.
+    unmeasured = attrs.evolve(config, validation=ValidationConfig(), run_dir=tmp_path / "quiet")
+    assert fit(unmeasured, enable_progress_bar=False)[0].global_step == 1
     embed_captions(config)  # adds the held-out captions; the run then measures from the cache
     _, module = fit(config, enable_progress_bar=False)
     assert module.cache is not None and (config.run_dir / CONTROL_GAIN_CSV).is_file()

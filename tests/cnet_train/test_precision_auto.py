@@ -41,8 +41,9 @@ def test_the_defaults_are_auto() -> None:
         (None, "deepspeed", "32", "float32"),
         ("bf16", "ddp", "bf16-mixed", "bfloat16"),
         ("bf16", "deepspeed", "bf16-mixed", "bfloat16"),
-        ("fp16", "fsdp", "16-mixed", "float16"),
-        ("fp16", "deepspeed", "32", "float32"),  # no 16-mixed under DeepSpeed
+        ("fp16", "ddp", "16-mixed", "float16"),
+        ("fp16", "fsdp", "32", "float32"),  # no 16-mixed under FSDP2
+        ("fp16", "deepspeed", "32", "float32"),  # nor under DeepSpeed
     ],
 )
 def test_auto_settles_per_accelerator(
@@ -141,3 +142,27 @@ def test_a_cache_of_another_dtype_is_refused_with_the_setting_that_reads_it(
     module = ControlNetModule(half)
     with pytest.raises(CacheMismatchError, match=r"set model\.frozen_dtype to the cache's dtype"):
         module.setup("fit")
+
+
+def test_a_resumed_run_keeps_the_dtypes_its_checkpoint_was_trained_in(
+    make_config: MakeConfig,
+) -> None:
+    from cnet_train.config import CheckpointConfig
+    from cnet_train.precision_auto import as_recorded
+
+    half = ["trainer.precision=bf16-mixed", "model.frozen_dtype=bfloat16"]
+    first = with_overrides(make_config("sd15", steps=1), half)
+    first = attrs.evolve(first, checkpoint=CheckpointConfig(resume="auto"))
+    fit(first, enable_progress_bar=False)
+    (checkpoint,) = (first.run_dir / "checkpoints").glob("*.ckpt")
+    relaunch = with_overrides(first, [*AUTO, "trainer.max_steps=2"])
+    kept = as_recorded(relaunch, checkpoint)
+    assert (kept.trainer.precision, kept.model.frozen_dtype) == ("bf16-mixed", "bfloat16")
+    assert as_recorded(relaunch, None) is relaunch  # nothing to resume: the machine decides
+    explicit = with_overrides(relaunch, ["trainer.precision=32", "model.frozen_dtype=float32"])
+    assert as_recorded(explicit, checkpoint) is explicit  # an explicit setting wins
+    _, module = fit(relaunch, enable_progress_bar=False)  # on this CPU, auto would say 32
+    assert module.config.trainer.precision == "bf16-mixed"
+    assert module.unet.dtype == torch.bfloat16
+    (first.run_dir / "config.yaml").write_text("trainer: [not, a, mapping]\n")
+    assert as_recorded(relaunch, checkpoint) is relaunch  # unreadable: nothing recorded

@@ -15,19 +15,19 @@ from cnet_data.sampler import BucketBatchSampler
 
 
 class EpochTagged:
-    """`sampler`'s batches as lists of (index, epoch); length and `set_epoch` are the
-    sampler's (Lightning calls `set_epoch` on a loader's batch sampler at each epoch)."""
+    """`sampler`'s batches as lists of (index, epoch), and its length.
+
+    The sampler is kept under a private name on purpose: Lightning calls `set_epoch` on a
+    loader's `batch_sampler.sampler` when it finds one, and the sampler's epoch is its owner's
+    to set (a resume restores it, which such a call would undo)."""
 
     def __init__(self, sampler: BucketBatchSampler) -> None:
-        self.sampler = sampler
+        self._sampler = sampler
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = self.sampler.epoch
-        for batch in self.sampler:
+        epoch = self._sampler.epoch
+        for batch in self._sampler:
             yield [(i, epoch) for i in batch]
 
     def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        return len(self._sampler)

@@ -330,9 +330,10 @@ class TrainerConfig:
     """Autocast precision of the trainable forward (the ControlNet's weights, its EMA and its
     exports stay float32 under every strategy; the frozen encoders run in their own dtype,
     outside autocast). `16-mixed` (with loss scaling) is for GPUs without bfloat16 and is not
-    available with `strategy: deepspeed`. `auto`: `bf16-mixed` on a CUDA GPU with bfloat16,
-    `16-mixed` on an older one (`32` there under DeepSpeed), `32` on the CPU (where bf16-mixed
-    measured 17-35% slower per step); the run's resolved config records what it settled to."""
+    available with `strategy: deepspeed` or `fsdp`. `auto`: `bf16-mixed` on a CUDA GPU with
+    bfloat16, `16-mixed` on an older one (`32` there under DeepSpeed and FSDP), `32` on the CPU
+    (where bf16-mixed measured 17-35% slower per step); the run's resolved config records what
+    it settled to, and a resumed run keeps what its checkpoint's run settled to."""
     strategy: StrategyName = "auto"
     """`auto` (one device), `ddp`, `deepspeed` or `fsdp` (FSDP2 through Lightning)."""
     deepspeed_stage: Literal[2, 3] = 2
@@ -376,7 +377,13 @@ class TrainerConfig:
                 "trainer.precision 16-mixed is not available with trainer.strategy deepspeed: "
                 "cnet keeps DeepSpeed's weights float32 under its own autocast, and float16 needs "
                 "the loss scaling only DeepSpeed's fp16 mode (which casts the weights) provides; "
-                "use bf16-mixed, or strategy ddp / fsdp for 16-mixed"
+                "use bf16-mixed (or 32), or strategy ddp for 16-mixed"
+            )
+        if self.strategy == "fsdp" and self.precision == "16-mixed":
+            raise ValueError(
+                "trainer.precision 16-mixed is not available with trainer.strategy fsdp: "
+                "Lightning's FSDP2 strategy has no float16 loss scaling; use bf16-mixed (or 32), "
+                "or strategy ddp for 16-mixed"
             )
 
 

@@ -171,16 +171,24 @@ def held_out_batches(
     ]
 
 
-def uncached_held_out(config: TrainConfig, cache: EmbeddingCache) -> list[str]:
-    """Captions of the control gain's own held-out index (`control_gain.index`) that `cache`
-    lacks; the training index's are in it by construction (`cnet-train embed`)."""
+def check_held_out_cached(config: TrainConfig, cache: EmbeddingCache) -> None:
+    """Refuse a cache that lacks captions of the control gain's own held-out index
+    (`control_gain.index`); the training index's are in it by construction (`cnet-train
+    embed` adds both)."""
     from cnet_data.captions import caption_key
+    from cnet_train.errors import CacheIncompleteError
 
     if config.control_gain.index is None:
-        return []
+        return
     index = DatasetIndex(config.control_gain.index)
     captions = dict.fromkeys(index.caption(i) for i in range(len(index)))
-    return [c for c in captions if caption_key(c) not in cache]
+    missing = [c for c in captions if caption_key(c) not in cache]
+    if missing:
+        raise CacheIncompleteError(
+            f"the embedding cache {cache.directory} lacks {len(missing)} caption(s) of "
+            f"control_gain.index {config.control_gain.index} (e.g. {missing[0]!r}): run "
+            "`cnet-train embed CONFIG` again to add them (it skips what is cached)"
+        )
 
 
 def choose_samples(bucket_ids: npt.NDArray[np.int64], count: int) -> list[int]:

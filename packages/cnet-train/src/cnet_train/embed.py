@@ -80,10 +80,11 @@ def embed_captions(config: TrainConfig) -> int:
 
 def _captions(config: TrainConfig, index: DatasetIndex) -> list[str]:
     """The captions a run reads from the cache: the training index's, then those of the
-    control gain's own held-out index (measured with cached embeddings too)."""
+    control gain's own held-out index (measured with cached embeddings too, in training and
+    by `cnet-train evaluate`)."""
     captions = [index.caption(i) for i in range(len(index))]
     held_out = config.control_gain.index
-    if config.control_gain.enabled and held_out is not None:
+    if held_out is not None:
         extra = DatasetIndex(held_out)
         captions.extend(extra.caption(i) for i in range(len(extra)))
     return captions

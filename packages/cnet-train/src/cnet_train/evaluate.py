@@ -24,6 +24,7 @@ from cnet_models.facade import ControlNetModel, load_component
 from cnet_train.config import TrainConfig
 from cnet_train.control_gain import (
     ControlGain,
+    check_held_out_cached,
     format_table,
     held_out_batches,
     measure_control_gain,
@@ -80,6 +81,8 @@ def evaluate(config: TrainConfig, weights: Path) -> dict[str, ControlGain]:
     config = settle_here(config)
     module = ControlNetModule(config)
     module.setup("validate")  # opens the embedding cache, if the config has one
+    if module.cache is not None:
+        check_held_out_cached(config, module.cache)
     device = _device(config)
     module.base.to_device(device, text_encoders=module.cache is None)
     batches = held_out_batches(config)

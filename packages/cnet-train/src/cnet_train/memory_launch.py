@@ -66,7 +66,7 @@ def plan_command(config: TrainConfig, memory_text: str | None, devices: int | No
 
 
 def _print_settled(config: TrainConfig, settled: TrainConfig, gpu: GpuKind | None) -> None:
-    where = "on this machine's GPU" if gpu else "for a bfloat16 GPU (this machine has none)"
+    where = "on this machine's GPU" if gpu else "for a bfloat16 GPU (none is in use here)"
     for line in settled_lines(config, settled):
         print(f"  {line} {where}")
 

@@ -201,11 +201,13 @@ class ControlNetModule(L.LightningModule):
         # Under a mixed precision the shards are gathered in the half dtype autocast computes
         # in anyway (half the traffic, and half the memory of the gathered copy); gradients
         # are reduced in float32, and the sharded weights the optimizer steps stay float32.
-        half = _AUTOCAST_DTYPES.get(self.config.trainer.precision)
-        policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+        # The inputs are left as they come (autocast casts them per operation): a cast at the
+        # boundary would round a sampler's float timesteps (999 -> 1000 in bfloat16).
         options: dict[str, Any] = {"mesh": mesh["data_parallel"]}
-        if half is not None:
-            options["mp_policy"] = policy
+        if (half := self.gathered_dtype) is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=half, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         for block in [*self.controlnet.down_blocks, self.controlnet.mid_block]:
             fully_shard(block, **options)
         fully_shard(self.controlnet, **options)
@@ -253,6 +255,14 @@ class ControlNetModule(L.LightningModule):
         """The generator of one micro-batch: a pure function of (seed, step, micro, rank)."""
         seed = ((self.config.seed * 1_000_003 + step) * 1031 + micro) * 4099 + self.global_rank
         return torch.Generator(device=self.device).manual_seed(seed % (2**63))
+
+    @property
+    def gathered_dtype(self) -> torch.dtype | None:
+        """The dtype FSDP2 gathers the ControlNet's weights in for a forward (a mixed
+        precision's half dtype; None: the weights compute as stored)."""
+        if self.config.trainer.strategy != "fsdp":
+            return None
+        return _AUTOCAST_DTYPES.get(self.config.trainer.precision)
 
     def autocast(self) -> AbstractContextManager[Any]:
         """Autocast of the trainable forward for `trainer.precision` (off for 32)."""

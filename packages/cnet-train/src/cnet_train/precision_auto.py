@@ -17,14 +17,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import attrs
 import torch
+import yaml
 
 from cnet_data.embcache import CacheMismatchError
 from cnet_models.configs import DTypeName
 from cnet_train.config import Precision, TrainConfig, TrainerConfig
+from cnet_train.config_io import CONFIG_FILE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ _DTYPE_NAMES: dict[torch.dtype, DTypeName] = {
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",
 }
+_BY_NAME: dict[str, DTypeName] = {name: name for name in _DTYPE_NAMES.values()}
+_PRECISIONS: dict[str, Precision] = {name: name for name in FROZEN_DTYPES}
 
 
 def local_gpu(trainer: TrainerConfig) -> GpuKind | None:
@@ -58,9 +63,10 @@ def auto_precision(trainer: TrainerConfig, gpu: GpuKind | None) -> Precision:
     if gpu == "bf16":
         return "bf16-mixed"
     if gpu == "fp16":
-        # float16 needs loss scaling, which only DeepSpeed's own fp16 mode (casting the
-        # weights, which cnet keeps float32) would give: the TrainerConfig refuses the pair.
-        return "32" if trainer.strategy == "deepspeed" else "16-mixed"
+        # float16 needs loss scaling: DeepSpeed gives it only in its own fp16 mode (casting
+        # the weights, which cnet keeps float32), Lightning's FSDP2 strategy not at all; the
+        # TrainerConfig refuses both pairs.
+        return "32" if trainer.strategy in ("deepspeed", "fsdp") else "16-mixed"
     return "32"
 
 
@@ -85,6 +91,41 @@ def settle_precision(
     )
 
 
+def as_recorded(config: TrainConfig, checkpoint: Path | None) -> TrainConfig:
+    """`config` with each `auto` setting as the run that wrote `checkpoint` settled it (its
+    resolved `config.yaml`, beside `checkpoints/`): a resumed run keeps the dtypes it trained
+    in, on whatever machine it continues, and so does a run from before `auto` existed."""
+    recorded = _recorded_settings(checkpoint) if checkpoint is not None else {}
+    precision = config.trainer.precision
+    frozen = config.model.frozen_dtype
+    if precision == "auto":
+        precision = _PRECISIONS.get(recorded.get("precision", ""), precision)
+    if frozen == "auto":
+        frozen = _BY_NAME.get(recorded.get("frozen_dtype", ""), frozen)
+    if (precision, frozen) == (config.trainer.precision, config.model.frozen_dtype):
+        return config
+    logger.info("resuming with the recorded precision %s, frozen dtype %s", precision, frozen)
+    return attrs.evolve(
+        config,
+        trainer=attrs.evolve(config.trainer, precision=precision),
+        model=attrs.evolve(config.model, frozen_dtype=frozen),
+    )
+
+
+def _recorded_settings(checkpoint: Path) -> dict[str, str]:
+    """The precision and frozen dtype in the resolved config of `checkpoint`'s run, as far as
+    it can be read (a missing or unreadable file records nothing)."""
+    path = checkpoint.parent.parent / CONFIG_FILE_NAME
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return {
+            "precision": str(data["trainer"]["precision"]),
+            "frozen_dtype": str(data["model"]["frozen_dtype"]),
+        }
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+
+
 def settle_here(config: TrainConfig, *, frozen: torch.dtype | None = None) -> TrainConfig:
     """`config` settled for this machine, with what `auto` became logged."""
     settled = settle_precision(config, local_gpu(config.trainer), frozen=frozen)
@@ -107,12 +148,14 @@ def dtype_hint() -> Iterator[None]:
     """A cache refused for its dtype also says where the dtype comes from: a cache built with
     another `model.frozen_dtype` (or where `auto` settled otherwise, e.g. on the CPU for a GPU
     run) is read by setting the dtype it was built with."""
+    from cnet_train.latent_cache import LatentCacheError
+
     try:
         yield
-    except CacheMismatchError as error:
+    except (CacheMismatchError, LatentCacheError) as error:
         if "dtype" not in str(error):
             raise
-        raise CacheMismatchError(
+        raise type(error)(
             f"{error}. The dtype is model.frozen_dtype's (auto: the one trainer.precision "
             "computes in, settled per machine): set model.frozen_dtype to the cache's dtype "
             "to read it as it is"

@@ -30,7 +30,7 @@ from cnet_train.finishing import resume_finishes_the_run
 from cnet_train.loggers import build_logger
 from cnet_train.memory_launch import auto_off, check_at_launch
 from cnet_train.module import ControlNetModule
-from cnet_train.precision_auto import settle_here
+from cnet_train.precision_auto import as_recorded, settle_here
 from cnet_train.quiet import silence_expected_notices
 from cnet_train.resume import ResumeAgreement, checkpoint_dir, resume_path
 from cnet_train.strategies import build_strategy, lightning_precision
@@ -135,12 +135,14 @@ def fit(
 
     `base` replaces loading `config.model` (a model built in memory, e.g. full-size random
     weights for a benchmark)."""
-    # Before anything is written or loaded. A `base` built in memory has no config to plan from.
+    # Before anything is written or loaded. A resumed run keeps the dtypes it trained in; a
+    # `base` built in memory names its own, and has no config to plan from.
+    ckpt = resume_path(config)
+    config = as_recorded(config, ckpt)
     config = settle_here(config, frozen=None if base is None else base.unet.dtype)
     config = check_at_launch(config) if base is None else auto_off(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resume_path(config)
     trainer = build_trainer(config, callbacks_extra, resume_from=ckpt, **trainer_overrides)
     if trainer.is_global_zero:
         write_resolved_config(config, config.run_dir)

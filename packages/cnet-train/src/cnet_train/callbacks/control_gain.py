@@ -20,12 +20,11 @@ from cnet_train.callbacks.history import CONTROL_GAIN_CSV, StepTable
 from cnet_train.config import TrainConfig
 from cnet_train.control_gain import (
     ControlGain,
+    check_held_out_cached,
     format_gain_line,
     held_out_batches,
     measure_control_gain,
-    uncached_held_out,
 )
-from cnet_train.errors import CacheIncompleteError
 from cnet_train.module import ControlNetModule
 
 
@@ -49,15 +48,11 @@ class ControlGainCallback(AfterBatch):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
+        validation = self.config.validation
         cache = pl_module.cache if isinstance(pl_module, ControlNetModule) else None
         # Found now, not by a KeyError at the end of the run (every rank sees the same cache).
-        if cache is not None and (missing := uncached_held_out(self.config, cache)):
-            raise CacheIncompleteError(
-                f"the embedding cache {cache.directory} lacks {len(missing)} caption(s) of "
-                f"control_gain.index {self.config.control_gain.index} (e.g. {missing[0]!r}): "
-                "run `cnet-train embed CONFIG` again to add them (it skips what is cached), or "
-                "set control_gain.enabled=false"
-            )
+        if cache is not None and (validation.prompts or validation.every_n_steps):
+            check_held_out_cached(self.config, cache)
         if trainer.is_global_zero:
             self.table.truncate_after(trainer.global_step)
 

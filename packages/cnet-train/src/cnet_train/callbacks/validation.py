@@ -109,9 +109,11 @@ class ValidationCallback(AfterBatch):
     ) -> list[Image.Image]:
         pipe = controlnet_pipeline(module.base, module.controlnet, zeros=module.zero_unconditional)
         # The ControlNet is float32, the frozen parts may be half precision: autocast to the
-        # UNet's dtype lets both meet, as the dtype-matched pipeline would at inference.
-        half = module.unet.dtype != torch.float32
-        with torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
+        # UNet's dtype lets both meet, as the dtype-matched pipeline would at inference. Under
+        # FSDP2's mixed precision the ControlNet's gathered weights are half precision too.
+        frozen = module.unet.dtype
+        half = frozen if frozen != torch.float32 else module.gathered_dtype
+        with torch.autocast(module.device.type, dtype=half, enabled=half is not None):
             return generate(
                 pipe,
                 [self.config.prompts[i] for i in mine],
