@@ -171,6 +171,15 @@ def held_out_batches(
     ]
 
 
+def held_out_captions(config: TrainConfig) -> list[str]:
+    """The captions of the control gain's own held-out index (`control_gain.index`; none
+    where the held-out set is drawn from the training index)."""
+    if config.control_gain.index is None:
+        return []
+    index = DatasetIndex(config.control_gain.index)
+    return [index.caption(i) for i in range(len(index))]
+
+
 def check_held_out_cached(config: TrainConfig, cache: EmbeddingCache) -> None:
     """Refuse a cache that lacks captions of the control gain's own held-out index
     (`control_gain.index`); the training index's are in it by construction (`cnet-train
@@ -178,10 +187,7 @@ def check_held_out_cached(config: TrainConfig, cache: EmbeddingCache) -> None:
     from cnet_data.captions import caption_key
     from cnet_train.errors import CacheIncompleteError
 
-    if config.control_gain.index is None:
-        return
-    index = DatasetIndex(config.control_gain.index)
-    captions = dict.fromkeys(index.caption(i) for i in range(len(index)))
+    captions = dict.fromkeys(held_out_captions(config))
     missing = [c for c in captions if caption_key(c) not in cache]
     if missing:
         raise CacheIncompleteError(

@@ -24,6 +24,7 @@ from cnet_data.index import DatasetIndex
 from cnet_models.loading import load_base_model
 from cnet_models.text import PromptEncoder
 from cnet_train.config import TrainConfig
+from cnet_train.control_gain import held_out_captions
 from cnet_train.data import ensure_index
 from cnet_train.precision_auto import settle_here
 
@@ -82,12 +83,7 @@ def _captions(config: TrainConfig, index: DatasetIndex) -> list[str]:
     """The captions a run reads from the cache: the training index's, then those of the
     control gain's own held-out index (measured with cached embeddings too, in training and
     by `cnet-train evaluate`)."""
-    captions = [index.caption(i) for i in range(len(index))]
-    held_out = config.control_gain.index
-    if held_out is not None:
-        extra = DatasetIndex(held_out)
-        captions.extend(extra.caption(i) for i in range(len(extra)))
-    return captions
+    return [index.caption(i) for i in range(len(index))] + held_out_captions(config)
 
 
 def _batches(captions: list[str], rank: int, world: int, size: int) -> Iterator[list[str]]:

@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from cnet_data.embcache import CacheMismatchError
-from cnet_models.configs import DTypeName
-from cnet_train.config import Precision, TrainConfig, TrainerConfig
+from cnet_models.configs import DTypeName, FrozenDTypeName
+from cnet_train.config import Precision, PrecisionSetting, TrainConfig, TrainerConfig
 from cnet_train.config_io import CONFIG_FILE_NAME
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,7 @@ def settle_precision(
         dtype = (
             _DTYPE_NAMES.get(frozen, "float32") if frozen is not None else FROZEN_DTYPES[settled]
         )
-    if (settled, dtype) == (precision, config.model.frozen_dtype):
-        return config
-    return attrs.evolve(
-        config,
-        trainer=attrs.evolve(config.trainer, precision=settled),
-        model=attrs.evolve(config.model, frozen_dtype=dtype),
-    )
+    return _with_dtypes(config, settled, dtype)
 
 
 def as_recorded(config: TrainConfig, checkpoint: Path | None) -> TrainConfig:
@@ -102,9 +96,18 @@ def as_recorded(config: TrainConfig, checkpoint: Path | None) -> TrainConfig:
         precision = _PRECISIONS.get(recorded.get("precision", ""), precision)
     if frozen == "auto":
         frozen = _BY_NAME.get(recorded.get("frozen_dtype", ""), frozen)
+    recorded_config = _with_dtypes(config, precision, frozen)
+    if recorded_config is not config:
+        logger.info("resuming with the recorded precision %s, frozen dtype %s", precision, frozen)
+    return recorded_config
+
+
+def _with_dtypes(
+    config: TrainConfig, precision: PrecisionSetting, frozen: FrozenDTypeName
+) -> TrainConfig:
+    """`config` with this precision and frozen dtype (itself where both are already so)."""
     if (precision, frozen) == (config.trainer.precision, config.model.frozen_dtype):
         return config
-    logger.info("resuming with the recorded precision %s, frozen dtype %s", precision, frozen)
     return attrs.evolve(
         config,
         trainer=attrs.evolve(config.trainer, precision=precision),
